@@ -1,0 +1,159 @@
+"""The training-sample contract: one compressed ``.npz`` per case, written by ``ctvq index``.
+
+Everything downstream (datasets, trainer, evaluation, tokens) reads samples through this module, so the
+on-disk layout lives in exactly one place. The format is versioned; a file of another version is refused.
+
+Layout (all arrays C-ordered, voxel coordinates are (x, y, z) indices into the ``resolution``³ grid):
+
+- ``coords``        (N, 3) int16   band voxels (|signed distance| <= band), sorted by latent cell
+                                   (lexicographic latent x, y, z), then by local index within the cell.
+- ``sdf``           (N,)   float32 signed distance / band, clipped to [-1, 1]; negative inside (HU above iso).
+- ``latent_coords`` (M, 3) int16   unique ``coords // 8`` in the same order.
+- ``cell_start``    (M+1,) int64   ``coords[cell_start[m]:cell_start[m+1]]`` lie in latent cell m.
+- ``inside_bits``   (M, 64) uint8  ``np.packbits`` of each latent cell's (8, 8, 8) inside mask (local x, y, z
+                                   C order): the truncated sign of every decoded voxel outside the band.
+- ``affine``        (4, 4) float64 voxel index (x, y, z, 1) -> patient millimetres (LPS, as SimpleITK).
+- scalars: ``format_version``, ``case_id``, ``window``, ``window_width``, ``window_level``, ``iso_value``
+  (on the windowed [0, 1] scale), ``resolution``, ``band`` (voxels).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+LATENT_STRIDE = 8
+CELL_VOXELS = LATENT_STRIDE**3
+
+_ARRAYS = ("coords", "sdf", "latent_coords", "cell_start", "inside_bits", "affine")
+_SCALARS = ("case_id", "window", "window_width", "window_level", "iso_value", "resolution", "band")
+
+
+class SampleFormatError(ValueError):
+    """A sample file is missing, of another format version, or internally inconsistent."""
+
+
+@dataclass(frozen=True)
+class SparseSample:
+    case_id: str
+    window: str
+    window_width: float
+    window_level: float
+    iso_value: float
+    resolution: int
+    band: float
+    affine: np.ndarray
+    coords: np.ndarray
+    sdf: np.ndarray
+    latent_coords: np.ndarray
+    cell_start: np.ndarray
+    inside_bits: np.ndarray
+
+    @property
+    def num_points(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def num_latent(self) -> int:
+        return int(self.latent_coords.shape[0])
+
+    def validate(self, origin: str = "<memory>") -> None:
+        """Raise SampleFormatError naming ``origin`` if the arrays disagree with the contract."""
+        n, m = self.num_points, self.num_latent
+        problems = []
+        if self.coords.ndim != 2 or self.coords.shape[1] != 3:
+            problems.append(f"coords has shape {self.coords.shape}, expected (N, 3)")
+        if self.sdf.shape != (n,):
+            problems.append(f"sdf has shape {self.sdf.shape}, expected ({n},)")
+        if self.latent_coords.shape != (m, 3):
+            problems.append(f"latent_coords has shape {self.latent_coords.shape}, expected (M, 3)")
+        if self.cell_start.shape != (m + 1,) or self.cell_start[-1] != n:
+            problems.append(f"cell_start has shape {self.cell_start.shape} / end != N={n}")
+        if self.inside_bits.shape != (m, CELL_VOXELS // 8):
+            problems.append(f"inside_bits has shape {self.inside_bits.shape}, expected ({m}, 64)")
+        if self.affine.shape != (4, 4):
+            problems.append(f"affine has shape {self.affine.shape}, expected (4, 4)")
+        if self.resolution % LATENT_STRIDE:
+            problems.append(f"resolution {self.resolution} is not a multiple of {LATENT_STRIDE}")
+        if n and (self.coords.min() < 0 or self.coords.max() >= self.resolution):
+            problems.append(f"coords outside the {self.resolution}^3 grid")
+        if n and np.abs(self.sdf).max() > 1.0:
+            problems.append("sdf values outside [-1, 1]")
+        if problems:
+            raise SampleFormatError(f"{origin}: invalid sample: " + "; ".join(problems))
+
+
+def decoder_targets(sample: SparseSample) -> np.ndarray:
+    """Supervision for every decoded voxel: (M, 8, 8, 8) float32 in [-1, 1].
+
+    The decoder emits all 512 children of each latent cell. Inside the band the target is the stored sdf,
+    elsewhere the truncated sign (-1 inside, +1 outside) from ``inside_bits``.
+    """
+    m = sample.num_latent
+    inside = np.unpackbits(sample.inside_bits, axis=1, count=CELL_VOXELS).reshape(m, 8, 8, 8).astype(bool)
+    target = np.where(inside, np.float32(-1.0), np.float32(1.0))
+    if sample.num_points:
+        cell_of_point = np.repeat(np.arange(m), np.diff(sample.cell_start))
+        local = sample.coords.astype(np.int64) % LATENT_STRIDE
+        target[cell_of_point, local[:, 0], local[:, 1], local[:, 2]] = sample.sdf
+    return target
+
+
+def save_sample(sample: SparseSample, path: str | os.PathLike) -> None:
+    """Write atomically: a killed or failed write leaves no partial file at ``path``."""
+    sample.validate(str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {name: getattr(sample, name) for name in _ARRAYS}
+    payload.update({name: np.asarray(getattr(sample, name)) for name in _SCALARS})
+    payload["format_version"] = np.asarray(FORMAT_VERSION)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_sample(path: str | os.PathLike) -> SparseSample:
+    path = Path(path)
+    if not path.is_file():
+        raise SampleFormatError(f"{path}: sample file does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            version = int(data["format_version"]) if "format_version" in data else None
+            if version != FORMAT_VERSION:
+                raise SampleFormatError(
+                    f"{path}: sample format version {version}, this ctvq reads version {FORMAT_VERSION}; "
+                    "re-run `ctvq index` on the case"
+                )
+            missing = [k for k in (*_ARRAYS, *_SCALARS) if k not in data]
+            if missing:
+                raise SampleFormatError(f"{path}: sample lacks {', '.join(missing)}")
+            fields = {k: data[k] for k in _ARRAYS}
+            scalars = {k: data[k].item() for k in _SCALARS}
+    except SampleFormatError:
+        raise
+    except Exception as exc:  # zipfile/npy errors: name the file, keep the cause
+        raise SampleFormatError(f"{path}: not a readable ctvq sample ({exc})") from exc
+    sample = SparseSample(
+        case_id=str(scalars["case_id"]),
+        window=str(scalars["window"]),
+        window_width=float(scalars["window_width"]),
+        window_level=float(scalars["window_level"]),
+        iso_value=float(scalars["iso_value"]),
+        resolution=int(scalars["resolution"]),
+        band=float(scalars["band"]),
+        **fields,
+    )
+    sample.validate(str(path))
+    return sample
