@@ -1,0 +1,45 @@
+"""Training configs: typed, validated at load time, defaults exactly as the configuration reference gives.
+
+Use :func:`load_config` (a JSON file) or :func:`config_from_dict`; both raise :class:`ConfigError` listing
+every problem with the file and the key path. ``CTVQConfig.to_dict()`` is the fully resolved form.
+"""
+
+from ctvq.config.errors import ConfigError, Problem
+from ctvq.config.loader import ACCEPTED_KEYS, config_from_dict, load_config, resolve_path
+from ctvq.config.schema import (
+    DATASET_NAMES,
+    MODEL_NAMES,
+    OPTIMIZER_NAMES,
+    SCHEDULER_NAMES,
+    TRAINER_NAMES,
+    WINDOW_PRESETS,
+    CTVQConfig,
+    DatasetConfig,
+    GradClipConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainerConfig,
+)
+
+__all__ = [
+    "ACCEPTED_KEYS",
+    "DATASET_NAMES",
+    "MODEL_NAMES",
+    "OPTIMIZER_NAMES",
+    "SCHEDULER_NAMES",
+    "TRAINER_NAMES",
+    "WINDOW_PRESETS",
+    "CTVQConfig",
+    "ConfigError",
+    "DatasetConfig",
+    "GradClipConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "Problem",
+    "SchedulerConfig",
+    "TrainerConfig",
+    "config_from_dict",
+    "load_config",
+    "resolve_path",
+]

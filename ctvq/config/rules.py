@@ -1,0 +1,81 @@
+"""Cross-field rules: constraints that tie config fields together.
+
+Each rule runs only when the fields it reads are valid (the section dicts are None otherwise), so one mistake
+does not cascade into follow-up errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ctvq.config.errors import Problems, show
+from ctvq.config.schema import LATENT_STRIDE, OptimizerConfig, SchedulerConfig
+
+
+def cross_checks(model: dict | None, dataset: dict | None, trainer: dict | None, problems: Problems) -> None:
+    """Rules that tie fields together; each runs only when the fields it reads are valid."""
+    if model is not None:
+        heads_key = "num_heads" if model["num_heads"] is not None else "num_head_channels"
+        if model["model_channels"] % model[heads_key] != 0:
+            problems.add(
+                f"models.vqvae.args.{heads_key}",
+                f"{model[heads_key]} does not divide model_channels {model['model_channels']}",
+            )
+        if model["resolution"] % model["chunk_size"] != 0:
+            problems.add(
+                "models.vqvae.args.chunk_size",
+                f"{model['chunk_size']} does not divide the latent resolution {model['resolution']} "
+                "(models.vqvae.args.resolution): pick a divisor such as 1, 2, 4 or 8",
+            )
+    if dataset is not None:
+        res = dataset["resolution"]
+        if res % LATENT_STRIDE != 0:
+            problems.add("dataset.args.resolution", f"{res} is not a multiple of {LATENT_STRIDE}")
+        elif model is not None and model["resolution"] * LATENT_STRIDE != res:
+            problems.add(
+                "dataset.args.resolution",
+                f"{res} != 8 x models.vqvae.args.resolution ({model['resolution']}): set "
+                f"dataset.args.resolution to {model['resolution'] * LATENT_STRIDE} or "
+                f"models.vqvae.args.resolution to {res // LATENT_STRIDE}",
+            )
+        custom = dataset["window_type"] == "custom"
+        for key in ("window_width", "window_level"):
+            if custom and dataset[key] is None:
+                problems.add(f"dataset.args.{key}", 'required when window_type is "custom" (in HU)')
+            if not custom and dataset[key] is not None:
+                problems.add(
+                    f"dataset.args.{key}",
+                    f'only allowed with window_type "custom"; window_type {show(dataset["window_type"])} '
+                    'has a fixed window: remove it or set window_type to "custom"',
+                )
+        if dataset["min_points"] > dataset["max_points"]:
+            problems.add(
+                "dataset.args.min_points",
+                f"{dataset['min_points']} is greater than max_points {dataset['max_points']}",
+            )
+    if trainer is not None:
+        _trainer_cross_checks(trainer, problems)
+
+
+def _trainer_cross_checks(trainer: dict[str, Any], problems: Problems) -> None:
+    if trainer["batch_size_per_gpu"] % trainer["batch_split"] != 0:
+        problems.add(
+            "trainer.args.batch_split",
+            f"{trainer['batch_split']} does not divide batch_size_per_gpu {trainer['batch_size_per_gpu']} "
+            "(micro-batches split the samples evenly)",
+        )
+    if trainer["training_stage"] == 2 and trainer["pretrained_vae_path"] is None:
+        problems.add(
+            "trainer.args.pretrained_vae_path",
+            "required for training_stage 2: the stage-1 checkpoint to start from "
+            "(e.g. outputs/<stage-1 run>/ckpts/final.pt)",
+        )
+    opt: OptimizerConfig = trainer["optimizer"]
+    if opt.nesterov and not opt.momentum:
+        problems.add("trainer.args.optimizer.args.nesterov", "true needs momentum > 0")
+    sched: SchedulerConfig | None = trainer["lr_scheduler"]
+    if sched is not None and sched.eta_min is not None and sched.eta_min > opt.lr:
+        problems.add(
+            "trainer.args.lr_scheduler.args.eta_min",
+            f"{show(sched.eta_min)} is above the learning rate {show(opt.lr)}: the schedule would raise it",
+        )

@@ -1,0 +1,300 @@
+"""The config schema: frozen dataclasses, one per section, with the reference's defaults.
+
+Every field of CONFIG_REFERENCE.zh.md is here with its documented default; fields ctvq adds beyond the
+reference are marked "ctvq:" in the comments. Stage-dependent defaults (``stage=(stage 1, stage 2)``) resolve
+from ``trainer.args.training_stage``. Build instances with :func:`ctvq.config.load_config` /
+:func:`ctvq.config.config_from_dict`, which validate; ``to_dict()`` gives the fully resolved JSON form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+from ctvq.config.fields import (
+    DECAY_FACTOR,
+    NON_EMPTY,
+    NON_NEGATIVE,
+    OPEN_UNIT,
+    PERCENTILE,
+    POSITIVE,
+    REQUIRED,
+    Check,
+    at_least,
+    each,
+    spec,
+)
+
+MODEL_NAMES = ("SparseSDFVQVAE",)
+DATASET_NAMES = ("CTWindowSparseSDF", "SparseSDF")
+TRAINER_NAMES = ("VQVAETrainer",)
+OPTIMIZER_NAMES = ("AdamW", "Adam", "SGD")
+SCHEDULER_NAMES = ("CosineAnnealingLR", "ExponentialLR", "StepLR")
+GRAD_CLIPPER_NAMES = ("AdaptiveGradClipper",)
+
+WINDOW_PRESETS: MappingProxyType[str, tuple[float, float]] = MappingProxyType(
+    {"lung": (1500.0, -600.0), "bone": (1500.0, 300.0), "soft_tissue": (400.0, 50.0), "brain": (80.0, 35.0)}
+)
+"""Named CT windows as (width, level) in HU. ``custom`` takes both from the dataset args."""
+
+LATENT_STRIDE = 8
+"""Input voxels per latent voxel along each axis: dataset resolution = 8 x model resolution."""
+
+_ADAM = ("AdamW", "Adam")
+BETAS = Check(lambda b: len(b) == 2 and all(0 <= x < 1 for x in b), "must be two numbers, each in [0, 1)")
+
+
+def _plain(value: Any) -> Any:
+    """JSON form of a field value: tuples become lists, nested configs their dicts."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value):
+        return value.to_dict()
+    return value
+
+
+def _args(cfg: Any, exclude: tuple[str, ...] = ("name",)) -> dict[str, Any]:
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in exclude}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """``models.vqvae``: the sparse SDF VQ-VAE (Direct3D-S2's SparseSDFVAE architecture plus a codebook).
+
+    ``resolution`` is the LATENT grid (dataset resolution / 8). ``window_size`` only acts for windowed
+    attention modes (swin, shift_*) but must be >= 1 always. ``chunk_size`` splits the latent grid into
+    chunk_size³ chunks for decoding (training decodes one random chunk in stage 2, evaluation decodes all)
+    and must divide ``resolution``.
+
+    ctvq extras:
+    - ``sdf_input_scale``: multiplier on the normalised SDF fed to the encoder (the pretrained model's input
+      scale is unpublished, so it is a setting to measure);
+    - codebook health: ``codebook_init`` ("random" | "kmeans" from encoder outputs), ``codebook_update``
+      ("loss": codebook loss gradients | "ema": EMA cluster updates with ``codebook_ema_decay``),
+      ``dead_code_threshold`` (usage count below which a code is restarted; 0 disables restarts);
+    - ``sparse_backend``: "torch" (pure PyTorch, everywhere), "spconv" (GPU) or "auto" (spconv when it and a
+      GPU are available, else torch).
+    """
+
+    name: Literal["SparseSDFVQVAE"] = spec("SparseSDFVQVAE")
+    resolution: int = spec(64, check=at_least(1))
+    model_channels: int = spec(512, check=at_least(1))
+    latent_channels: int = spec(16, check=at_least(1))
+    num_blocks: int = spec(8, check=at_least(1))
+    num_embeddings: int = spec(8192, check=at_least(1))
+    num_heads: int | None = spec(None, check=at_least(1))
+    num_head_channels: int = spec(64, check=at_least(1))
+    mlp_ratio: float = spec(4.0, check=POSITIVE)
+    attn_mode: Literal["full", "shift_window", "shift_sequence", "shift_order", "swin"] = spec("swin")
+    window_size: int = spec(8, check=at_least(1))
+    pe_mode: Literal["ape", "rope"] = spec("ape")
+    use_fp16: bool = spec(False)
+    use_checkpoint: bool = spec(False)
+    chunk_size: int = spec(1, check=at_least(1))
+    qk_rms_norm: bool = spec(False)
+    representation_config: dict[str, Any] | None = spec(None)
+    # ctvq extras
+    sdf_input_scale: float = spec(1.0, check=POSITIVE)
+    codebook_init: Literal["random", "kmeans"] = spec("random")
+    codebook_update: Literal["loss", "ema"] = spec("loss")
+    codebook_ema_decay: float = spec(0.99, check=OPEN_UNIT)
+    dead_code_threshold: float = spec(0.0, check=NON_NEGATIVE)
+    sparse_backend: Literal["torch", "spconv", "auto"] = spec("auto")
+
+    @property
+    def heads(self) -> int:
+        """Attention heads: ``num_heads`` if set, else model_channels / num_head_channels."""
+        return self.num_heads if self.num_heads is not None else self.model_channels // self.num_head_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "args": _args(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetConfig:
+    """``dataset``: which precomputed samples to read and how to filter/crop them.
+
+    ``name`` may be given as ``dataset.name`` (TRELLIS style) or ``dataset.args.name`` (the reference); both
+    must agree. ``max_points`` defaults to 100000 in stage 1 and 500000 in stage 2 (the reference's values).
+    ctvq extras: ``window_type`` also accepts "custom", which then needs ``window_width`` (> 0) and
+    ``window_level`` in HU (both must be absent for the named windows); ``band`` is the SDF truncation in
+    voxels; ``iso_value`` is the surface level on the windowed [0, 1] scale (0.5 = the window level);
+    ``seed`` makes max_points crops deterministic.
+    """
+
+    name: Literal["CTWindowSparseSDF", "SparseSDF"] = spec("CTWindowSparseSDF")
+    resolution: int = spec(512, check=at_least(64))
+    window_type: Literal["lung", "bone", "soft_tissue", "brain", "custom"] = spec("lung")
+    min_points: int = spec(100, check=NON_NEGATIVE)
+    max_points: int = spec(stage=(100_000, 500_000), check=at_least(1))
+    cache_data: bool = spec(False)
+    precompute_sparse: bool = spec(True)
+    # ctvq extras
+    window_width: float | None = spec(None, check=POSITIVE)
+    window_level: float | None = spec(None)
+    band: float = spec(3.0, check=POSITIVE)
+    iso_value: float = spec(0.5, check=OPEN_UNIT)
+    seed: int = spec(0, check=NON_NEGATIVE)
+
+    def window(self) -> tuple[float, float]:
+        """(width, level) in HU of this dataset's window."""
+        if self.window_type == "custom":
+            if self.window_width is None or self.window_level is None:
+                raise ValueError("custom window without window_width/window_level: use load_config")
+            return self.window_width, self.window_level
+        return WINDOW_PRESETS[self.window_type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "args": _args(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """``trainer.args.optimizer``: {name, args}. Another optimizer's arguments are errors; here they are None.
+
+    ``lr`` defaults to 5e-3 (stage 1) / 1e-4 (stage 2); ``trainer.args.lr`` is accepted as a shorthand.
+    Unlisted defaults follow torch: betas (0.9, 0.999), eps 1e-8, momentum 0, nesterov false.
+    """
+
+    name: Literal["AdamW", "Adam", "SGD"] = spec("AdamW")
+    lr: float = spec(stage=(5e-3, 1e-4), check=POSITIVE)
+    weight_decay: float = spec(0.0, check=NON_NEGATIVE)
+    betas: tuple[float, ...] | None = spec(by_name={n: (0.9, 0.999) for n in _ADAM}, check=BETAS)
+    eps: float | None = spec(by_name={n: 1e-8 for n in _ADAM}, check=POSITIVE)
+    momentum: float | None = spec(by_name={"SGD": 0.0}, check=NON_NEGATIVE)
+    nesterov: bool | None = spec(by_name={"SGD": False})
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``torch.optim.<name>`` (only this optimizer's arguments)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "name" and getattr(self, f.name) is not None
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "args": {k: _plain(v) for k, v in self.kwargs().items()}}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """``trainer.args.lr_scheduler``: {name, args}, stepped once per training step (T_max counts steps).
+
+    Defaults: stage 1 CosineAnnealingLR(T_max 100000, eta_min 5e-5), stage 2 ExponentialLR(gamma 0.999)
+    (the reference's). StepLR needs ``step_size``; its gamma defaults to torch's 0.1. ``lr_scheduler: null``
+    (or name null) means a constant learning rate; the trainer then holds ``lr_scheduler = None``.
+    """
+
+    name: Literal["CosineAnnealingLR", "ExponentialLR", "StepLR"] = spec("CosineAnnealingLR")
+    T_max: int | None = spec(by_name={"CosineAnnealingLR": 100_000}, check=at_least(1))
+    eta_min: float | None = spec(by_name={"CosineAnnealingLR": 5e-5}, check=NON_NEGATIVE)
+    gamma: float | None = spec(by_name={"ExponentialLR": 0.999, "StepLR": 0.1}, check=DECAY_FACTOR)
+    step_size: int | None = spec(by_name={"StepLR": REQUIRED}, check=at_least(1))
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``torch.optim.lr_scheduler.<name>`` (only this scheduler's arguments)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "name" and getattr(self, f.name) is not None
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "args": self.kwargs()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradClipConfig:
+    """``trainer.args.grad_clip``: a number (plain norm clip, ``name == "norm"``) or AdaptiveGradClipper.
+
+    AdaptiveGradClipper clips to min(max_norm, the clip_percentile-th percentile of recent gradient norms).
+    Default: AdaptiveGradClipper(max_norm 1.0, clip_percentile 95). ``grad_clip: null`` disables clipping.
+    """
+
+    name: Literal["norm", "AdaptiveGradClipper"] = spec("AdaptiveGradClipper")
+    max_norm: float = spec(1.0, check=POSITIVE)
+    clip_percentile: float | None = spec(by_name={"AdaptiveGradClipper": 95.0}, check=PERCENTILE)
+
+    def to_dict(self) -> float | dict[str, Any]:
+        if self.name == "norm":
+            return self.max_norm
+        args = {"max_norm": self.max_norm, "clip_percentile": self.clip_percentile}
+        return {"name": self.name, "args": args}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """``trainer``: two-stage training loop (TRELLIS trainer semantics).
+
+    ``training_stage`` is required: 1 freezes encoder+decoder and trains the codebook, 2 trains everything.
+    ``pretrained_vae_path``: stage 1 a Direct3D-S2 VAE file or null (random init, for tests); stage 2 a
+    stage-1 checkpoint (required). Paths are kept as written, relative to the working directory (see
+    :func:`ctvq.config.resolve_path`). Stage-dependent defaults: max_steps 100000/200000,
+    batch_size_per_gpu 2/1, loss_type l1/l1_l2. ``batch_split`` must divide ``batch_size_per_gpu``
+    (micro-batches split by samples); when not given it is the reference's 2 reduced to gcd(2,
+    batch_size_per_gpu), since the reference's stage-2 defaults (batch 1, split 2) contradict each other.
+    ``fp16_mode``: null = fp32 training; "amp" = autocast + GradScaler; "inflat_all" = fp32 master copy and a
+    2^log_scale loss scale. ``models.vqvae.args.use_fp16: true`` with
+    ``fp16_mode: null`` is allowed: the model then holds half-precision weights (norms in fp32) and the
+    trainer does no loss scaling and keeps no fp32 master copy, so gradients may underflow (expert setting).
+    ``ema_rate`` may be empty (no EMA copies). ctvq extra: ``seed``.
+    """
+
+    name: Literal["VQVAETrainer"] = spec("VQVAETrainer")
+    training_stage: Literal[1, 2] = spec(REQUIRED)
+    pretrained_vae_path: str | None = spec(None, check=NON_EMPTY)
+    max_steps: int = spec(stage=(100_000, 200_000), check=at_least(1))
+    max_epoch: int | None = spec(None, check=at_least(1))
+    batch_size_per_gpu: int = spec(stage=(2, 1), check=at_least(1))
+    batch_split: int = spec(2, check=at_least(1))
+    num_workers: int = spec(30, check=NON_NEGATIVE)
+    loss_type: Literal["mse", "l1", "l1_l2"] = spec(stage=("l1", "l1_l2"))
+    lambda_vq: float = spec(1.0, check=NON_NEGATIVE)
+    lambda_commitment: float = spec(0.25, check=NON_NEGATIVE)
+    fp16_mode: Literal["amp", "inflat_all"] | None = spec("inflat_all")
+    fp16_scale_growth: float = spec(0.001, check=NON_NEGATIVE)
+    ema_rate: tuple[float, ...] = spec((0.9999,), check=each(OPEN_UNIT))
+    i_print: int = spec(1000, check=at_least(1))
+    i_log: int = spec(500, check=at_least(1))
+    i_sample: int = spec(10_000, check=at_least(1))
+    i_save: int = spec(10_000, check=at_least(1))
+    i_ddpcheck: int = spec(10_000, check=at_least(1))
+    disable_snapshot: bool = spec(False)
+    seed: int = spec(0, check=NON_NEGATIVE)
+    optimizer: OptimizerConfig = spec(REQUIRED, nested=True)
+    lr_scheduler: SchedulerConfig | None = spec(REQUIRED, nested=True)
+    grad_clip: GradClipConfig | None = spec(REQUIRED, nested=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "args": _args(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CTVQConfig:
+    """A whole training config. ``description`` (ctvq extra) is free text for humans; ``origin`` names the
+    file it came from (not part of equality)."""
+
+    model: ModelConfig
+    dataset: DatasetConfig
+    trainer: TrainerConfig
+    description: str = ""
+    origin: str = dataclasses.field(default="<dict>", compare=False)
+
+    @property
+    def stage(self) -> int:
+        return self.trainer.training_stage
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved config (every default filled); config_from_dict of it gives an equal config."""
+        out: dict[str, Any] = {
+            "models": {"vqvae": self.model.to_dict()},
+            "dataset": self.dataset.to_dict(),
+            "trainer": self.trainer.to_dict(),
+        }
+        if self.description:
+            out["description"] = self.description
+        return out
