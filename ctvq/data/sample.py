@@ -13,25 +13,26 @@ Layout (all arrays C-ordered, voxel coordinates are (x, y, z) indices into the `
 - ``inside_bits``   (M, 64) uint8  ``np.packbits`` of each latent cell's (8, 8, 8) inside mask (local x, y, z
                                    C order): the truncated sign of every decoded voxel outside the band.
 - ``affine``        (4, 4) float64 voxel index (x, y, z, 1) -> patient millimetres (LPS, as SimpleITK).
+- ``spacing``       (3,)   float64 voxel spacing (mm) of the original scan (provenance, for the manifest).
 - scalars: ``format_version``, ``case_id``, ``window``, ``window_width``, ``window_level``, ``iso_value``
-  (on the windowed [0, 1] scale), ``resolution``, ``band`` (voxels).
+  (on the windowed [0, 1] scale), ``resolution``, ``band`` (voxels), ``source`` (the scan it came from).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds source and spacing (provenance)
 LATENT_STRIDE = 8
 CELL_VOXELS = LATENT_STRIDE**3
 
-_ARRAYS = ("coords", "sdf", "latent_coords", "cell_start", "inside_bits", "affine")
-_SCALARS = ("case_id", "window", "window_width", "window_level", "iso_value", "resolution", "band")
+_ARRAYS = ("coords", "sdf", "latent_coords", "cell_start", "inside_bits", "affine", "spacing")
+_SCALARS = ("case_id", "window", "window_width", "window_level", "iso_value", "resolution", "band", "source")
 
 
 class SampleFormatError(ValueError):
@@ -53,6 +54,8 @@ class SparseSample:
     latent_coords: np.ndarray
     cell_start: np.ndarray
     inside_bits: np.ndarray
+    source: str = ""
+    spacing: np.ndarray = field(default_factory=lambda: np.full(3, np.nan))
 
     @property
     def num_points(self) -> int:
@@ -153,6 +156,7 @@ def load_sample(path: str | os.PathLike) -> SparseSample:
         iso_value=float(scalars["iso_value"]),
         resolution=int(scalars["resolution"]),
         band=float(scalars["band"]),
+        source=str(scalars["source"]),
         **fields,
     )
     sample.validate(str(path))

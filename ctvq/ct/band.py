@@ -1,0 +1,108 @@
+"""The band of one case: output of ``ctvq sdf``, input of ``ctvq index``.
+
+Holds the band voxels with their normalised SDF and, for every latent 8³ cell the band touches, the
+inside mask of all 512 children (the decoder's truncated-sign targets), which needs the full windowed
+volume and so is taken here, where the volume is in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ctvq.ct.errors import CTInputError
+from ctvq.ct.sdf import narrow_band_sdf
+from ctvq.ct.volume_file import WindowedVolume, load_npz, save_npz_atomic
+from ctvq.ct.windows import Window, check_iso
+from ctvq.data.sample import CELL_VOXELS, LATENT_STRIDE
+
+BAND_FORMAT_VERSION = 1
+_KIND = "ctvq-band"
+
+
+@dataclass(frozen=True)
+class BandField:
+    """Band voxels (x, y, z; ascending C-order index) and per-touched-cell inside bits, plus provenance."""
+
+    coords: np.ndarray  # (N, 3) int16
+    sdf: np.ndarray  # (N,) float32, distance / band in [-1, 1], negative inside
+    latent_coords: np.ndarray  # (M, 3) int16, lexicographic
+    inside_bits: np.ndarray  # (M, 64) uint8, packbits of the (8, 8, 8) inside mask, local x, y, z C order
+    band: float
+    iso_value: float
+    resolution: int
+    affine: np.ndarray
+    window: Window
+    case_id: str
+    source: str
+    spacing: tuple[float, float, float]
+
+
+def compute_band(volume: WindowedVolume, band: float = 3.0, iso_value: float = 0.5) -> BandField:
+    """Narrow-band SDF of ``volume`` at ``iso_value`` and the inside masks of the touched latent cells."""
+    check_iso(iso_value)
+    res = volume.resolution
+    if volume.values.shape != (res, res, res) or res % LATENT_STRIDE:
+        raise CTInputError(f"{volume.case_id}: windowed volume of shape {volume.values.shape}; "
+                           f"expected a cube whose side is a multiple of {LATENT_STRIDE}")
+    try:
+        flat, distance = narrow_band_sdf(volume.values, iso_value, band)
+    except CTInputError as exc:
+        raise CTInputError(f"{volume.case_id} ({volume.source}): window {volume.window.name!r} "
+                           f"(W={volume.window.width:g}, L={volume.window.level:g}): {exc}") from exc
+    coords = np.stack(np.unravel_index(flat, volume.values.shape), axis=1).astype(np.int16)
+    side = res // LATENT_STRIDE
+    cells = occupied_cells(flat_cells(coords, res), side)
+    latent = np.stack(np.unravel_index(cells, (side,) * 3), axis=1).astype(np.int16)
+    inside = np.greater(volume.values, iso_value).reshape(side, LATENT_STRIDE, side, LATENT_STRIDE, side,
+                                                          LATENT_STRIDE)
+    masks = inside[latent[:, 0], :, latent[:, 1], :, latent[:, 2], :]  # (M, 8, 8, 8), local x, y, z
+    bits = np.packbits(masks.reshape(latent.shape[0], CELL_VOXELS), axis=1)
+    sdf = np.clip(distance / np.float32(band), -1.0, 1.0).astype(np.float32)
+    return BandField(coords=coords, sdf=sdf, latent_coords=latent, inside_bits=bits, band=float(band),
+                     iso_value=float(iso_value), resolution=res, affine=volume.affine, window=volume.window,
+                     case_id=volume.case_id, source=volume.source, spacing=volume.spacing)
+
+
+def flat_cells(coords: np.ndarray, resolution: int) -> np.ndarray:
+    """Linear latent-cell id (lexicographic x, y, z) of each voxel coordinate."""
+    side = resolution // LATENT_STRIDE
+    cell = coords.astype(np.int64) // LATENT_STRIDE
+    return (cell[:, 0] * side + cell[:, 1]) * side + cell[:, 2]
+
+
+def occupied_cells(cells: np.ndarray, side: int) -> np.ndarray:
+    """Sorted unique latent-cell ids, via a marker over the (side³) latent grid: linear, no sort."""
+    marker = np.zeros(side**3, dtype=bool)
+    marker[cells] = True
+    return np.flatnonzero(marker)
+
+
+def save_band(field: BandField, path: str | os.PathLike) -> None:
+    save_npz_atomic(path, {
+        "kind": np.asarray(_KIND),
+        "format_version": np.asarray(BAND_FORMAT_VERSION),
+        "coords": field.coords, "sdf": field.sdf, "latent_coords": field.latent_coords,
+        "inside_bits": field.inside_bits, "band": np.asarray(field.band),
+        "iso_value": np.asarray(field.iso_value),
+        "resolution": np.asarray(field.resolution), "affine": field.affine,
+        "window": np.asarray(field.window.name), "window_width": np.asarray(field.window.width),
+        "window_level": np.asarray(field.window.level), "case_id": np.asarray(field.case_id),
+        "source": np.asarray(field.source), "spacing": np.asarray(field.spacing, dtype=np.float64),
+    })
+
+
+def load_band(path: str | os.PathLike) -> BandField:
+    keys = ("coords", "sdf", "latent_coords", "inside_bits", "band", "iso_value", "resolution", "affine",
+            "window", "window_width", "window_level", "case_id", "source", "spacing")
+    d = load_npz(path, _KIND, BAND_FORMAT_VERSION, keys)
+    return BandField(
+        coords=d["coords"], sdf=d["sdf"], latent_coords=d["latent_coords"], inside_bits=d["inside_bits"],
+        band=float(d["band"]), iso_value=float(d["iso_value"]), resolution=int(d["resolution"]),
+        affine=d["affine"],
+        window=Window(str(d["window"]), float(d["window_width"]), float(d["window_level"])),
+        case_id=str(d["case_id"]), source=str(d["source"]),
+        spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
+    )

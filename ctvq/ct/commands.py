@@ -1,0 +1,171 @@
+"""CLI steps of CT preprocessing: phantom, window, sdf, index, manifest, demo.
+
+Each ``run_*`` function is the whole step (read, compute, write atomically, log) and is what both the
+subcommand and the demo call. Progress goes to stderr, one line per stage, with elapsed seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ctvq.cli import Command, register_command
+from ctvq.ct.band import load_band, save_band
+from ctvq.ct.errors import CTInputError
+from ctvq.ct.index import build_index
+from ctvq.ct.io import FILE_SUFFIXES, write_ct, write_dicom_series
+from ctvq.ct.manifest import manifest_table, write_manifest
+from ctvq.ct.phantom import chest_phantom
+from ctvq.ct.pipeline import build_band, default_case_id, load_windowed, window_scan
+from ctvq.ct.volume_file import save_windowed
+from ctvq.ct.windows import CUSTOM, DEFAULT_ISO, WINDOWS, get_window
+from ctvq.data.sample import save_sample
+
+
+class _Clock:
+    """Logs ``ctvq <step>: <case>: <what> (<elapsed> s)`` to stderr."""
+
+    def __init__(self, step: str, case: str, quiet: bool = False) -> None:
+        self.step, self.case, self.quiet, self.start = step, case, quiet, time.perf_counter()
+
+    def log(self, what: str) -> None:
+        if not self.quiet:
+            print(f"ctvq {self.step}: {self.case}: {what} ({time.perf_counter() - self.start:.2f} s)",
+                  file=sys.stderr, flush=True)
+
+
+def run_phantom(output: Path, seed: int, shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                noise: float, dicom: bool = False, quiet: bool = False) -> None:
+    clock = _Clock("phantom", output.name, quiet)
+    try:
+        ct = chest_phantom(shape, spacing, seed=seed, noise_hu=noise)
+    except ValueError as exc:
+        raise CTInputError(f"{output}: {exc}") from exc
+    clock.log(f"generated {'x'.join(map(str, shape))} at {'x'.join(f'{s:g}' for s in spacing)} mm")
+    if dicom:
+        write_dicom_series(ct, output)
+    else:
+        write_ct(ct, output)
+    clock.log(f"wrote {output}")
+
+
+def run_window(source: Path, output: Path, window_name: str, width: float | None, level: float | None,
+               resolution: int, case_id: str | None, quiet: bool = False) -> None:
+    window = get_window(window_name, width, level)
+    case = case_id or default_case_id(source)
+    clock = _Clock("window", case, quiet)
+    volume = window_scan(source, window, resolution, case)
+    clock.log(f"read, resampled to {resolution}^3 and windowed ({window.name} W={window.width:g} "
+              f"L={window.level:g})")
+    save_windowed(volume, output)
+    clock.log(f"wrote {output}")
+
+
+def run_sdf(source: Path, output: Path, band: float, iso: float, quiet: bool = False) -> None:
+    volume = load_windowed(source)
+    clock = _Clock("sdf", volume.case_id, quiet)
+    field = build_band(volume, band=band, iso_value=iso)
+    clock.log(f"narrow band |d| <= {band:g}: {field.coords.shape[0]} voxels, "
+              f"{field.latent_coords.shape[0]} latent cells")
+    save_band(field, output)
+    clock.log(f"wrote {output}")
+
+
+def run_index(source: Path, output: Path, quiet: bool = False) -> None:
+    field = load_band(source)
+    clock = _Clock("index", field.case_id, quiet)
+    sample = build_index(field)
+    save_sample(sample, output)
+    clock.log(f"wrote {output} ({sample.num_points} points, {sample.num_latent} latent cells)")
+
+
+def _configure_phantom(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help=f"scan file ({', '.join(FILE_SUFFIXES[:-1])}) or, with --dicom, a new folder")
+    p.add_argument("--seed", type=int, default=0, help="shape variation seed (default 0)")
+    p.add_argument("--shape", type=int, nargs=3, default=(192, 192, 96), metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", type=float, nargs=3, default=(0.7, 0.7, 2.0), metavar=("SX", "SY", "SZ"),
+                   help="voxel size in mm (default 0.7 0.7 2.0)")
+    p.add_argument("--noise", type=float, default=12.0, help="Gaussian noise sigma in HU (default 12)")
+    p.add_argument("--dicom", action="store_true", help="write a DICOM series (one file per slice)")
+
+
+def _configure_window(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", type=Path, help="scan file (NIfTI, NRRD, MHA/MHD) or DICOM series folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="windowed volume (.npz)")
+    p.add_argument("--window", required=True, choices=[*WINDOWS, CUSTOM])
+    p.add_argument("--width", type=float, help="window width in HU (custom only)")
+    p.add_argument("--level", type=float, help="window level in HU (custom only)")
+    p.add_argument("--resolution", type=int, default=512,
+                   help="cube side in voxels: 256, 512, 1024 or a multiple of 8 >= 64 (default 512)")
+    p.add_argument("--case-id", help="case id (default: input file name without suffix)")
+
+
+def _configure_sdf(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", type=Path, help="windowed volume from `ctvq window`")
+    p.add_argument("-o", "--output", type=Path, required=True, help="band file (.npz)")
+    p.add_argument("--band", type=float, default=3.0, help="band half-width in voxels (default 3)")
+    p.add_argument("--iso", type=float, default=DEFAULT_ISO,
+                   help="iso value on the windowed scale (default 0.5)")
+
+
+def _configure_index(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", type=Path, help="band file from `ctvq sdf`")
+    p.add_argument("-o", "--output", type=Path, required=True, help="training sample (.npz)")
+
+
+def _configure_manifest(p: argparse.ArgumentParser) -> None:
+    p.add_argument("samples", type=Path, nargs="+", help="training samples from `ctvq index`")
+    p.add_argument("-o", "--output", type=Path, required=True, help="manifest (.csv)")
+    p.add_argument("--min-points", type=int, default=100, help="cases with fewer band voxels are filtered")
+
+
+def _run_manifest(args: argparse.Namespace) -> int:
+    table = manifest_table(args.samples, args.output.parent, args.min_points)
+    write_manifest(table, args.output)
+    ok = int((table["status"] == "ok").sum())
+    print(f"ctvq manifest: wrote {args.output} ({ok} ok, {len(table) - ok} filtered)", file=sys.stderr)
+    return 0
+
+
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--cases", type=int, default=3, help="number of phantom cases (seeds 0..N-1)")
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--windows", nargs="+", default=["lung", "bone"], choices=list(WINDOWS))
+    p.add_argument("--band", type=float, default=3.0)
+    p.add_argument("--min-points", type=int, default=100)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from ctvq.ct.demo import run_demo
+
+    run_demo(args.output_dir, args.cases, args.resolution, args.windows, args.band, args.min_points)
+    return 0
+
+
+def _register() -> None:
+    register_command(Command(
+        "phantom", "write a synthetic chest CT (HU) as a scan file or DICOM series", _configure_phantom,
+        lambda a: run_phantom(a.output, a.seed, tuple(a.shape), tuple(a.spacing), a.noise, a.dicom) or 0))
+    register_command(Command(
+        "window", "read a scan, resample it into the resolution^3 cube and apply an HU window",
+        _configure_window,
+        lambda a: run_window(a.input, a.output, a.window, a.width, a.level, a.resolution, a.case_id) or 0))
+    register_command(Command(
+        "sdf", "narrow-band signed distance to the window's iso-surface", _configure_sdf,
+        lambda a: run_sdf(a.input, a.output, a.band, a.iso) or 0))
+    register_command(Command(
+        "index", "sort the band by latent cell and write the training sample", _configure_index,
+        lambda a: run_index(a.input, a.output) or 0))
+    register_command(Command(
+        "manifest", "one CSV row per training sample, with counts and filter status", _configure_manifest,
+        _run_manifest))
+    register_command(Command(
+        "demo", "phantom cases -> window -> sdf -> index -> manifests and preview PNGs", _configure_demo,
+        _run_demo))
+
+
+_register()

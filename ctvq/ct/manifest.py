@@ -1,0 +1,53 @@
+"""The case manifest: one row per training sample, with counts and whether (and why) it is filtered."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ctvq.ct.atomic import atomic_output
+from ctvq.data.sample import load_sample
+
+COLUMNS = ("case_id", "source", "sample_path", "window", "resolution", "spacing", "num_points", "num_latent",
+           "bbox", "status")
+
+
+def manifest_table(sample_paths: Sequence[str | os.PathLike], manifest_dir: str | os.PathLike,
+                   min_points: int = 100) -> pd.DataFrame:
+    """Rows for ``sample_paths`` (paths stored relative to ``manifest_dir``); ``status`` is ``ok`` or
+    ``filtered: min_points (N < min_points)``. Unreadable samples raise SampleFormatError."""
+    rows = []
+    for path in sample_paths:
+        sample = load_sample(path)
+        n = sample.num_points
+        if n:
+            lo, hi = sample.coords.min(axis=0), sample.coords.max(axis=0)
+            bbox = ",".join(str(int(v)) for v in (*lo, *hi))
+        else:
+            bbox = ""
+        rows.append({
+            "case_id": sample.case_id,
+            "source": sample.source,
+            "sample_path": os.path.relpath(Path(path).resolve(), Path(manifest_dir).resolve()),
+            "window": sample.window,
+            "resolution": sample.resolution,
+            "spacing": ",".join(f"{float(s):.6g}" for s in sample.spacing),
+            "num_points": n,
+            "num_latent": sample.num_latent,
+            "bbox": bbox,
+            "status": "ok" if n >= min_points else f"filtered: min_points ({n} < {min_points})",
+        })
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def write_manifest(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    with atomic_output(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"case_id": str, "source": str, "spacing": str, "bbox": str},
+                       keep_default_na=False)

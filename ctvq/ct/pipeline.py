@@ -1,0 +1,70 @@
+"""The preprocessing chain as plain functions: scan -> windowed volume -> band -> training sample.
+
+The CLI steps and the datasets (``precompute_sparse=false``) call exactly these, so an on-the-fly sample
+equals the precomputed one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ctvq.ct.band import BandField, compute_band
+from ctvq.ct.errors import CTInputError
+from ctvq.ct.index import build_index
+from ctvq.ct.io import CTImage, read_ct
+from ctvq.ct.resample import resample_to_cube
+from ctvq.ct.volume_file import WindowedVolume, load_windowed
+from ctvq.ct.windows import Window
+from ctvq.data.sample import SparseSample
+
+__all__ = ["build_band", "build_sample", "default_case_id", "load_windowed", "window_image", "window_scan"]
+
+
+def default_case_id(path: str | os.PathLike) -> str:
+    """File name without its image suffixes (``chest.nii.gz`` -> ``chest``); a folder keeps its name."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".npz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def window_image(ct: CTImage, window: Window, resolution: int, case_id: str) -> WindowedVolume:
+    """Resample ``ct`` into the ``resolution``³ cube and apply ``window`` in place (one full-size buffer)."""
+    cube, affine = resample_to_cube(ct, resolution)
+    values = window.apply(cube, out=cube)
+    lo, hi = float(values.min()), float(values.max())
+    if lo == hi:
+        side = "below" if hi == 0.0 else "above"
+        raise CTInputError(f"{ct.source}: window {window.name!r} (W={window.width:g}, L={window.level:g}) "
+                           f"has no surface: every voxel is {side} the window")
+    return WindowedVolume(values=values, affine=affine, window=window, case_id=case_id, source=ct.source,
+                          spacing=ct.spacing)
+
+
+def window_scan(path: str | os.PathLike, window: Window, resolution: int,
+                case_id: str | None = None) -> WindowedVolume:
+    """Read a scan file or DICOM folder and window it (see ``window_image``)."""
+    ct = read_ct(path)
+    return window_image(ct, window, resolution, case_id or default_case_id(path))
+
+
+def build_band(windowed_volume: WindowedVolume, band: float = 3.0, iso_value: float = 0.5) -> BandField:
+    return compute_band(windowed_volume, band=band, iso_value=iso_value)
+
+
+def build_sample(windowed_volume: WindowedVolume, band: float = 3.0, iso_value: float = 0.5) -> SparseSample:
+    """The training sample of a windowed volume: narrow-band SDF plus sparse index, in memory."""
+    return build_index(compute_band(windowed_volume, band=band, iso_value=iso_value))
+
+
+def bounding_box(sample: SparseSample) -> tuple[int, int, int, int, int, int]:
+    """Voxel bounding box (x0, y0, z0, x1, y1, z1), inclusive, of the band."""
+    if sample.num_points == 0:
+        raise CTInputError(f"{sample.case_id}: sample has no band voxels")
+    lo = sample.coords.min(axis=0)
+    hi = sample.coords.max(axis=0)
+    return tuple(int(v) for v in np.concatenate([lo, hi]))  # type: ignore[return-value]

@@ -1,0 +1,62 @@
+"""Isotropic resampling into the ``resolution``³ training cube, centred, padded with air, affine kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from ctvq.ct.errors import CTInputError
+from ctvq.ct.io import AIR_HU, CTImage, to_sitk
+
+STANDARD_RESOLUTIONS = (256, 512, 1024)
+
+
+def check_resolution(resolution: int) -> None:
+    """256, 512, 1024, or any multiple of 8 >= 64 (small grids for tests and demos)."""
+    if resolution in STANDARD_RESOLUTIONS or (resolution >= 64 and resolution % 8 == 0):
+        return
+    raise CTInputError(f"resolution {resolution}: use 256, 512, 1024 or a multiple of 8 that is >= 64")
+
+
+def cube_geometry(ct: CTImage, resolution: int) -> np.ndarray:
+    """4x4 affine of the output cube: isotropic voxels, the longest physical axis spans ``resolution``.
+
+    The scan's extent (voxel edges included) is centred in the cube; the cube keeps the scan's direction.
+    """
+    size = np.asarray(ct.shape, dtype=np.float64)
+    spacing = np.asarray(ct.spacing, dtype=np.float64)
+    direction = np.asarray(ct.direction, dtype=np.float64).reshape(3, 3)
+    step = float((size * spacing).max()) / resolution
+    centre_index = (size - 1.0) / 2.0
+    centre_mm = np.asarray(ct.origin) + direction @ (spacing * centre_index)
+    origin = centre_mm - direction @ np.full(3, step * (resolution - 1) / 2.0)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * step
+    affine[:3, 3] = origin
+    return affine
+
+
+def resample_to_cube(ct: CTImage, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (HU cube float32 (R, R, R) indexed x, y, z, C-contiguous; affine voxel -> mm).
+
+    Linear interpolation; voxels outside the scan get air (-1024 HU). The output grid is declared to
+    SimpleITK with its axes reversed, so its (z, y, x) numpy view is already our (x, y, z) C-order array.
+    """
+    check_resolution(resolution)
+    affine = cube_geometry(ct, resolution)
+    step = float(np.linalg.norm(affine[:3, 0]))
+    direction = affine[:3, :3] / step
+    reversed_direction = direction[:, ::-1]
+    image = to_sitk(ct, pixel_type=sitk.sitkFloat32)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize((resolution,) * 3)
+    resampler.SetOutputSpacing((step,) * 3)
+    resampler.SetOutputOrigin(tuple(affine[:3, 3]))
+    resampler.SetOutputDirection(tuple(reversed_direction.ravel()))
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetDefaultPixelValue(AIR_HU)
+    resampler.SetOutputPixelType(sitk.sitkFloat32)
+    out = resampler.Execute(image)
+    del image
+    cube = sitk.GetArrayFromImage(out)
+    return cube, affine

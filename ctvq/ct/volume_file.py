@@ -1,0 +1,126 @@
+"""The windowed-volume file: output of ``ctvq window``, input of ``ctvq sdf`` and of on-the-fly datasets.
+
+One ``.npz`` holding the windowed cube quantised to uint16 (step 1/65535 of the window: far below the
+sub-voxel precision the SDF needs), the voxel -> mm affine, the window, the source and case id, and the
+original scan spacing. Zip members are stored, not deflated: the cube is large and mostly noise, and
+deflating 256 MB costs more seconds than the whole narrow-band SDF (measured: bench/preprocess.py).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ctvq.ct.atomic import atomic_output
+from ctvq.ct.errors import CTInputError
+from ctvq.ct.windows import Window
+
+VOLUME_FORMAT_VERSION = 1
+_QUANT = 65535.0
+_KIND = "ctvq-windowed-volume"
+
+
+@dataclass(frozen=True)
+class WindowedVolume:
+    """A windowed cube (float32 in [0, 1], indexed x, y, z) with everything needed to build a sample."""
+
+    values: np.ndarray
+    affine: np.ndarray
+    window: Window
+    case_id: str
+    source: str
+    spacing: tuple[float, float, float]  # of the original scan (mm), for the manifest
+
+    @property
+    def resolution(self) -> int:
+        return int(self.values.shape[0])
+
+
+def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray], level: int | None = None) -> None:
+    """Write arrays as an ``.npz`` readable by ``np.load``, atomically; ``level`` None stores uncompressed,
+    otherwise deflates at that level (1-9)."""
+    method = zipfile.ZIP_STORED if level is None else zipfile.ZIP_DEFLATED
+    with (
+        atomic_output(path) as tmp,
+        zipfile.ZipFile(tmp, "w", method, compresslevel=level) as zf,
+    ):
+        for name, value in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+
+
+def load_npz(
+    path: str | os.PathLike, kind: str, version: int, keys: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` of ``kind``/``version`` with ``keys``; any problem is a CTInputError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CTInputError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            found_kind = str(data["kind"]) if "kind" in data else None
+            if found_kind != kind:
+                raise CTInputError(f"{path}: not a {kind} file (kind {found_kind!r})")
+            found_version = int(data["format_version"])
+            if found_version != version:
+                raise CTInputError(f"{path}: {kind} format version {found_version}, this ctvq reads "
+                                   f"{version}; re-run the step that wrote it")
+            missing = [k for k in keys if k not in data]
+            if missing:
+                raise CTInputError(f"{path}: {kind} file lacks {', '.join(missing)}")
+            return {k: data[k] for k in keys}
+    except CTInputError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise CTInputError(f"{path}: not a readable {kind} file ({exc})") from exc
+
+
+def save_windowed(volume: WindowedVolume, path: str | os.PathLike) -> None:
+    quantised = quantise(volume.values)
+    save_npz_atomic(path, {
+        "kind": np.asarray(_KIND),
+        "format_version": np.asarray(VOLUME_FORMAT_VERSION),
+        "values": quantised,
+        "affine": np.asarray(volume.affine, dtype=np.float64),
+        "window": np.asarray(volume.window.name),
+        "window_width": np.asarray(volume.window.width),
+        "window_level": np.asarray(volume.window.level),
+        "case_id": np.asarray(volume.case_id),
+        "source": np.asarray(volume.source),
+        "spacing": np.asarray(volume.spacing, dtype=np.float64),
+    })
+
+
+def quantise(values: np.ndarray, slab: int = 16) -> np.ndarray:
+    """uint16 = round(values * 65535), slab by slab through one small reused float32 buffer."""
+    out = np.empty(values.shape, dtype=np.uint16)
+    buffer = np.empty((min(slab, values.shape[0]), *values.shape[1:]), dtype=np.float32)
+    for start in range(0, values.shape[0], slab):
+        part = buffer[: min(slab, values.shape[0] - start)]
+        np.multiply(values[start:start + part.shape[0]], np.float32(_QUANT), out=part)
+        np.rint(part, out=part)
+        out[start:start + part.shape[0]] = part
+    return out
+
+
+def load_windowed(path: str | os.PathLike) -> WindowedVolume:
+    keys = ("values", "affine", "window", "window_width", "window_level", "case_id", "source", "spacing")
+    data = load_npz(path, _KIND, VOLUME_FORMAT_VERSION, keys)
+    values = data["values"]
+    if values.ndim != 3 or len(set(values.shape)) != 1 or values.dtype != np.uint16:
+        raise CTInputError(f"{path}: windowed values have shape {values.shape} {values.dtype}, "
+                           "expected a uint16 cube")
+    out = np.multiply(values, np.float32(1.0 / _QUANT), dtype=np.float32)
+    del values
+    return WindowedVolume(
+        values=out,
+        affine=data["affine"],
+        window=Window(str(data["window"]), float(data["window_width"]), float(data["window_level"])),
+        case_id=str(data["case_id"]),
+        source=str(data["source"]),
+        spacing=tuple(float(s) for s in data["spacing"]),  # type: ignore[arg-type]
+    )

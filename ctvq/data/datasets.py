@@ -1,0 +1,414 @@
+"""Datasets over ctvq training samples: `CTWindowSparseSDF` (one CT window) and `SparseSDF` (any samples).
+
+A source is a manifest CSV written by `ctvq manifest` (``sample_path`` relative to the manifest's folder), a
+folder of sample ``*.npz`` files written by `ctvq index`, or, with ``precompute_sparse=False``, a folder of
+windowed volumes written by `ctvq window` whose samples are built on the fly.
+
+Fail loudly: a broken file raises naming it (never a substitute sample, TRELLIS's known defect); a sample of
+another window or resolution is an error, not skipped. Cases below ``min_points`` are filtered and recorded
+in ``dataset.filtered``. Cases above ``max_points`` are cut to a latent-aligned crop (`ctvq.data.crop`)
+drawn from ``(seed, epoch, index)`` only, so results do not depend on ``num_workers`` or worker order.
+
+Cost of ``precompute_sparse=False``: the point count of a windowed volume is only known once its sample is
+built, so the constructor builds every case once (for ``min_points``) and ``__getitem__`` builds it again,
+unless ``cache_data`` keeps the first build. Precomputed samples are only peeked at (file headers).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from ctvq.ct.windows import CUSTOM, WINDOWS
+from ctvq.data.crop import crop_to_budget
+from ctvq.data.sample import FORMAT_VERSION, SampleFormatError, SparseSample, decoder_targets, load_sample
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_REQUIRED_COLUMNS = ("case_id", "sample_path", "window", "resolution", "num_points", "status")
+
+
+class DatasetError(ValueError):
+    """A dataset source is unusable: wrong window/resolution, stale manifest, nothing left after filtering."""
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """What the dataset knows about one case before loading it (from the manifest or the file header)."""
+
+    case_id: str
+    path: Path
+    window: str
+    resolution: int | None  # None only on manifest rows filtered for another reason than min_points
+    num_points: int | None
+    status: str = "ok"
+    window_width: float | None = None  # known from sample headers, not from a manifest
+    window_level: float | None = None
+
+
+def _usable_status(status: str) -> bool:
+    """A manifest's own min_points verdict is redone with the dataset's threshold; other verdicts stand."""
+    return status == "ok" or status.startswith("filtered: min_points")
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """The window a `CTWindowSparseSDF` accepts; every sample must carry this width and level."""
+
+    name: str
+    width: float | None = None
+    level: float | None = None
+
+
+def resolve_window(window_type: str, width: float | None, level: float | None) -> WindowSpec:
+    """Check the dataset's window against the CT window registry: named windows have fixed W/L."""
+    if window_type == CUSTOM:
+        if width is None or level is None:
+            raise DatasetError("window_type='custom' needs both window_width and window_level (HU)")
+        return WindowSpec(CUSTOM, float(width), float(level))
+    if window_type not in WINDOWS:
+        raise DatasetError(f"unknown window_type {window_type!r}; accepted: {', '.join([*WINDOWS, CUSTOM])}")
+    named = WINDOWS[window_type]
+    for name, given, fixed in (("window_width", width, named.width), ("window_level", level, named.level)):
+        if given is not None and not np.isclose(given, fixed):
+            raise DatasetError(
+                f"window_type={window_type!r} has {name}={fixed}; use window_type='custom' for {name}={given}"
+            )
+    return WindowSpec(window_type, named.width, named.level)
+
+
+def read_manifest(path: Path) -> list[CaseRecord]:
+    """Rows of a `ctvq manifest` CSV as records, sample paths resolved against the manifest's folder."""
+    try:
+        table = pd.read_csv(path, dtype={"case_id": str, "sample_path": str, "window": str, "status": str})
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise DatasetError(f"{path}: not a readable manifest CSV ({exc})") from exc
+    missing = [c for c in MANIFEST_REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise DatasetError(f"{path}: manifest lacks column(s) {', '.join(missing)}; re-run `ctvq manifest`")
+    if table.empty:
+        raise DatasetError(f"{path}: manifest has no rows")
+    records = []
+    for number, row in enumerate(table.itertuples(index=False), start=2):  # line 1 is the header
+        status = str(row.status).strip()
+        counts = {}
+        for name in ("resolution", "num_points"):
+            value = getattr(row, name)
+            where = f"{path}: line {number} ({row.sample_path})"
+            if pd.isna(value):
+                if _usable_status(status):
+                    raise DatasetError(f"{where} has status {status!r} but no {name}")
+                counts[name] = None
+                continue
+            try:
+                counts[name] = int(value)
+            except ValueError as exc:
+                raise DatasetError(f"{where}: {name} {value!r} is not an integer") from exc
+        records.append(CaseRecord(
+            case_id=str(row.case_id), path=path.parent / str(row.sample_path), window=str(row.window),
+            status=status, **counts,
+        ))
+    return records
+
+
+def peek_sample(path: Path) -> CaseRecord:
+    """Header-only look at a sample file (scalars and the coords shape), without decompressing the arrays."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            version = int(data["format_version"]) if "format_version" in data else None
+            if version != FORMAT_VERSION:
+                raise SampleFormatError(
+                    f"{path}: sample format version {version}, this ctvq reads version {FORMAT_VERSION}; "
+                    "re-run `ctvq index` on the case"
+                )
+            case_id, window, resolution, width, level = (
+                data[k].item() for k in ("case_id", "window", "resolution", "window_width", "window_level")
+            )
+        with zipfile.ZipFile(path) as archive, archive.open("coords.npy") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            if major not in (1, 2):
+                raise SampleFormatError(f"{path}: coords stored with npy format {major}, expected 1 or 2")
+            fmt = np.lib.format
+            shape, _, _ = (fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0)(fh)
+    except SampleFormatError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise SampleFormatError(f"{path}: not a readable ctvq sample ({exc})") from exc
+    return CaseRecord(case_id=str(case_id), path=path, window=str(window), resolution=int(resolution),
+                      num_points=int(shape[0]), window_width=float(width), window_level=float(level))
+
+
+def build_from_windowed(path: Path, *, band: float, iso_value: float) -> SparseSample:
+    """The sample of a windowed volume (`ctvq window` output), built now instead of by `ctvq index`."""
+    try:
+        from ctvq.ct.pipeline import build_sample, load_windowed  # heavy (SimpleITK): only on this path
+    except ImportError as exc:
+        raise DatasetError(
+            f"{path}: precompute_sparse=false needs ctvq.ct.pipeline (load_windowed, build_sample), which "
+            f"cannot be imported ({exc}); precompute samples with `ctvq index` and use precompute_sparse=true"
+        ) from exc
+    try:
+        return build_sample(load_windowed(path), band=band, iso_value=iso_value)
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: cannot build a sample from this windowed volume ({exc})") from exc
+
+
+def sample_to_item(sample: SparseSample, *, num_points_full: int) -> dict[str, Any]:
+    """The training item of one (possibly cropped) sample, as torch tensors."""
+    return {
+        "coords": torch.from_numpy(sample.coords.astype(np.int32)),
+        "feats": torch.from_numpy(sample.sdf.astype(np.float32).reshape(-1, 1)),
+        "latent_coords": torch.from_numpy(sample.latent_coords.astype(np.int32)),
+        "targets": torch.from_numpy(decoder_targets(sample)),
+        "affine": torch.tensor(sample.affine, dtype=torch.float64),  # a copy: never alias a cached sample
+        "case_id": sample.case_id,
+        "window": sample.window,
+        "resolution": sample.resolution,
+        "num_points": sample.num_points,
+        "num_points_full": int(num_points_full),
+    }
+
+
+def _check_window(record: CaseRecord, spec: WindowSpec | None, origin: str) -> None:
+    if spec is None:
+        return
+    if record.window != spec.name:
+        raise DatasetError(
+            f"{origin}: case {record.case_id!r} has window {record.window!r}, this dataset reads "
+            f"window_type={spec.name!r}; point the dataset at that window's samples"
+        )
+    for name, want, got in (("window_width", spec.width, record.window_width),
+                            ("window_level", spec.level, record.window_level)):
+        if want is not None and got is not None and not np.isclose(want, got):
+            raise DatasetError(f"{origin}: {name} is {got}, this dataset reads {name}={want}")
+
+
+def _check_resolution(record: CaseRecord, resolution: int, origin: str) -> None:
+    if record.resolution is not None and record.resolution != resolution:
+        raise DatasetError(
+            f"{origin}: case {record.case_id!r} has resolution {record.resolution}, this dataset reads "
+            f"resolution={resolution}; re-run `ctvq window --resolution {resolution}` or change the config"
+        )
+
+
+def _record_of(sample: SparseSample, path: Path) -> CaseRecord:
+    return CaseRecord(case_id=sample.case_id, path=path, window=sample.window, resolution=sample.resolution,
+                      num_points=sample.num_points, window_width=sample.window_width,
+                      window_level=sample.window_level)
+
+
+class _SparseDataset(Dataset):
+    """Shared machinery; the public classes differ only in the window they accept."""
+
+    def __init__(
+        self,
+        source: str | os.PathLike,
+        *,
+        window: WindowSpec | None,
+        resolution: int,
+        min_points: int,
+        max_points: int,
+        cache_data: bool,
+        precompute_sparse: bool,
+        band: float,
+        iso_value: float,
+        seed: int,
+    ) -> None:
+        for name, value, low in (("resolution", resolution, 8), ("min_points", min_points, 0),
+                                 ("max_points", max_points, 1), ("seed", seed, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise DatasetError(f"{name} must be an int >= {low}, got {value!r}")
+        if band <= 0 or not 0.0 < iso_value < 1.0:
+            raise DatasetError(f"band must be > 0 and iso_value in (0, 1), got {band=}, {iso_value=}")
+        self.source = Path(source)
+        self.window = window
+        self.resolution = resolution
+        self.min_points = min_points
+        self.max_points = max_points
+        self.cache_data = cache_data
+        self.precompute_sparse = precompute_sparse
+        self.band = float(band)
+        self.iso_value = float(iso_value)
+        self.seed = seed
+        # Shared memory, so set_epoch reaches persistent DataLoader workers too.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.filtered: list[tuple[str, str]] = []
+        built: dict[Path, SparseSample] = {}
+        records = self._index_source(built)
+        self.records: list[CaseRecord] = []
+        for record in records:
+            reason = self._filter_reason(record)
+            if reason is None:
+                self.records.append(record)
+            else:
+                self.filtered.append((record.case_id, reason))
+                logger.info("filtered case %s (%s): %s", record.case_id, record.path, reason)
+        if not self.records:
+            raise DatasetError(
+                f"{self.source}: no usable case left ({len(self.filtered)} filtered: "
+                + "; ".join(f"{c}: {r}" for c, r in self.filtered[:5]) + ")"
+            )
+        # cache_data loads every case once, here, in the constructing process. DataLoader workers inherit
+        # this cache (fork: shared copy-on-write pages; spawn: one pickled copy per worker), so it costs one
+        # copy of the data per process at most and the files are never read again.
+        self._cache: list[SparseSample] | None = None
+        if cache_data:
+            self._cache = [
+                self._verify(built[r.path], r) if r.path in built else self._load(r) for r in self.records
+            ]
+
+    # -- indexing -------------------------------------------------------------------------------------------
+    def _index_source(self, built: dict[Path, SparseSample]) -> list[CaseRecord]:
+        src = self.source
+        if src.is_file() and src.suffix.lower() == ".csv":
+            if not self.precompute_sparse:
+                raise DatasetError(
+                    f"{src}: precompute_sparse=false reads windowed volumes (`ctvq window` outputs) from a "
+                    "folder, not a manifest of samples; pass that folder or set precompute_sparse=true"
+                )
+            return self._select_manifest_rows(read_manifest(src))
+        if src.is_dir():
+            paths = sorted(src.glob("*.npz"))
+            if not paths:
+                raise DatasetError(f"{src}: folder holds no *.npz files")
+            records = []
+            for path in paths:
+                if self.precompute_sparse:
+                    record = peek_sample(path)
+                else:
+                    sample = build_from_windowed(path, band=self.band, iso_value=self.iso_value)
+                    record = _record_of(sample, path)
+                    logger.info("built sample %s from %s: %d points", record.case_id, path, record.num_points)
+                    if self.cache_data:
+                        built[path] = sample
+                _check_window(record, self.window, str(path))
+                _check_resolution(record, self.resolution, str(path))
+                records.append(record)
+            return records
+        raise DatasetError(f"{src}: dataset source must be a manifest .csv or a folder of .npz files")
+
+    def _select_manifest_rows(self, records: list[CaseRecord]) -> list[CaseRecord]:
+        src = self.source
+        if self.window is not None:
+            windows = sorted({r.window for r in records})
+            if self.window.name not in windows:
+                raise DatasetError(
+                    f"{src}: manifest has no rows of window_type={self.window.name!r} (it lists "
+                    f"{', '.join(windows)}); point the dataset at that window's manifest"
+                )
+            records = [r for r in records if r.window == self.window.name]
+        for record in records:
+            _check_resolution(record, self.resolution, f"{src} (row of {record.path})")
+        return records
+
+    def _filter_reason(self, record: CaseRecord) -> str | None:
+        if not _usable_status(record.status):
+            return f"manifest status: {record.status}"
+        if record.num_points is not None and record.num_points < self.min_points:
+            return f"min_points ({record.num_points} < {self.min_points})"
+        return None
+
+    # -- loading --------------------------------------------------------------------------------------------
+    def _load(self, record: CaseRecord) -> SparseSample:
+        if self.precompute_sparse:
+            sample = load_sample(record.path)
+        else:
+            sample = build_from_windowed(record.path, band=self.band, iso_value=self.iso_value)
+        return self._verify(sample, record)
+
+    def _verify(self, sample: SparseSample, record: CaseRecord) -> SparseSample:
+        """The loaded sample must be the case the index promised: window, resolution, point count."""
+        origin = str(record.path)
+        _check_window(_record_of(sample, record.path), self.window, origin)
+        _check_resolution(_record_of(sample, record.path), self.resolution, origin)
+        if sample.num_points != record.num_points:
+            raise DatasetError(
+                f"{origin}: holds {sample.num_points} points but {self.source} says {record.num_points}; "
+                "the manifest is stale, re-run `ctvq manifest`"
+            )
+        return sample
+
+    # -- Dataset API ----------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.item())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the crops of ``epoch``: call before iterating a DataLoader over this dataset each epoch."""
+        if epoch < 0:
+            raise DatasetError(f"epoch must be >= 0, got {epoch}")
+        self._epoch.fill_(int(epoch))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = operator.index(index)
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"index {index} out of range for {len(self.records)} cases")
+        record = self.records[index]
+        sample = self._cache[index] if self._cache is not None else self._load(record)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        cropped = crop_to_budget(sample, self.max_points, rng)
+        return sample_to_item(cropped, num_points_full=sample.num_points)
+
+
+class SparseSDF(_SparseDataset):
+    """Generic sparse SDF samples of any window (one resolution): see the module docstring."""
+
+    def __init__(
+        self,
+        source: str | os.PathLike,
+        *,
+        resolution: int,
+        min_points: int = 100,
+        max_points: int = 100000,
+        cache_data: bool = False,
+        precompute_sparse: bool = True,
+        band: float = 3.0,
+        iso_value: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(source, window=None, resolution=resolution, min_points=min_points,
+                         max_points=max_points, cache_data=cache_data, precompute_sparse=precompute_sparse,
+                         band=band, iso_value=iso_value, seed=seed)
+
+
+class CTWindowSparseSDF(_SparseDataset):
+    """Samples of one CT window (``window_type``); a manifest listing several windows is narrowed to it.
+
+    ``band`` and ``iso_value`` apply when ``precompute_sparse=False`` (precomputed samples carry their own).
+    ``window_type`` is a registered window (`ctvq.ct.windows.WINDOWS`, fixed W/L) or ``'custom'`` with
+    ``window_width`` and ``window_level``; every sample must carry that width and level.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike,
+        *,
+        window_type: str,
+        resolution: int,
+        min_points: int = 100,
+        max_points: int = 100000,
+        cache_data: bool = False,
+        precompute_sparse: bool = True,
+        band: float = 3.0,
+        iso_value: float = 0.5,
+        seed: int = 0,
+        window_width: float | None = None,
+        window_level: float | None = None,
+    ) -> None:
+        window = resolve_window(window_type, window_width, window_level)
+        super().__init__(source, window=window, resolution=resolution, min_points=min_points,
+                         max_points=max_points, cache_data=cache_data, precompute_sparse=precompute_sparse,
+                         band=band, iso_value=iso_value, seed=seed)

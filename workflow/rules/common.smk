@@ -1,0 +1,51 @@
+# Config validation and the case table. Imported by every other rule file.
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+validate(config, schema="../schemas/pipeline.schema.yaml")
+
+# The interpreter running snakemake has ctvq installed: call the CLI through it, so no PATH set-up is needed
+# (also inside SLURM jobs, which re-run this same interpreter).
+CTVQ = f"{sys.executable} -m ctvq"
+RESULTS = config["results"]
+WINDOWS = config["windows"]
+SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def _discover_scans(folder: str) -> dict[str, str]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"configs/pipeline.yaml: inputs.scan_dir: {folder!r} is not a folder")
+    found = {}
+    for entry in sorted(root.iterdir()):
+        name = entry.name
+        suffix = next((s for s in SCAN_SUFFIXES if name.endswith(s)), None)
+        if entry.is_file() and suffix:
+            found[name[: -len(suffix)]] = str(entry)
+        elif entry.is_dir() and any(p.suffix.lower() in ("", ".dcm") for p in entry.iterdir() if p.is_file()):
+            found[name] = str(entry)
+    return found
+
+
+def _case_table() -> dict[str, str]:
+    inputs = config["inputs"]
+    cases = {f"phantom{i:02d}": f"{RESULTS}/raw/phantom{i:02d}.nii.gz" for i in range(inputs.get("phantoms", 0))}
+    if inputs.get("scan_dir"):
+        cases.update(_discover_scans(inputs["scan_dir"]))
+    for case, path in inputs.get("scans", {}).items():
+        if case in cases:
+            raise ValueError(f"configs/pipeline.yaml: inputs.scans: case id {case!r} is given twice")
+        cases[case] = path
+    if not cases:
+        raise ValueError("configs/pipeline.yaml: inputs: no cases (set phantoms, scans or scan_dir)")
+    return cases
+
+
+CASES = _case_table()
+
+
+wildcard_constraints:
+    case="|".join(sorted(CASES)),
+    window="|".join(WINDOWS),

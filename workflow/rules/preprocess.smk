@@ -1,0 +1,65 @@
+# Preprocessing, per case and window: window -> sdf -> index; then one manifest per window.
+
+
+rule phantom:
+    output:
+        f"{RESULTS}/raw/phantom{{seed}}.nii.gz",
+    log:
+        "logs/phantom/phantom{seed}.log",
+    shell:
+        "{CTVQ} phantom -o {output} --seed {wildcards.seed} > {log} 2>&1"
+
+
+rule window:
+    input:
+        lambda wc: CASES[wc.case],
+    output:
+        f"{RESULTS}/windowed/{{window}}/{{case}}.npz",
+    log:
+        "logs/window/{window}/{case}.log",
+    params:
+        resolution=config["resolution"],
+    resources:
+        mem_mb=4000,
+    shell:
+        "{CTVQ} window {input} -o {output} --window {wildcards.window} --resolution {params.resolution}"
+        " --case-id {wildcards.case} > {log} 2>&1"
+
+
+rule sdf:
+    input:
+        rules.window.output,
+    output:
+        f"{RESULTS}/sdf/{{window}}/{{case}}.npz",
+    log:
+        "logs/sdf/{window}/{case}.log",
+    params:
+        band=config["band"],
+    resources:
+        mem_mb=4000,
+    shell:
+        "{CTVQ} sdf {input} -o {output} --band {params.band} > {log} 2>&1"
+
+
+rule index:
+    input:
+        rules.sdf.output,
+    output:
+        f"{RESULTS}/samples/{{window}}/{{case}}.npz",
+    log:
+        "logs/index/{window}/{case}.log",
+    shell:
+        "{CTVQ} index {input} -o {output} > {log} 2>&1"
+
+
+rule manifest:
+    input:
+        lambda wc: expand(rules.index.output, window=wc.window, case=sorted(CASES)),
+    output:
+        f"{RESULTS}/manifests/{{window}}.csv",
+    log:
+        "logs/manifest/{window}.log",
+    params:
+        min_points=config["min_points"],
+    shell:
+        "{CTVQ} manifest {input} -o {output} --min-points {params.min_points} > {log} 2>&1"
