@@ -1,0 +1,340 @@
+"""SparseSDFVQVAE: Direct3D-S2's sparse SDF encoder/decoder with a vector quantizer between them.
+
+Public API (used by the trainer, evaluation and the tokenizer):
+- ``encode(batch) -> (latent, indices)``: quantized latent SparseTensor [M, latent] at the latent resolution
+  and the code index of every latent voxel.
+- ``decode(indices or latent, chunked=None) -> SparseTensor``: full-resolution coords, sdf in [-1, 1].
+- ``forward(batch, loss_type) -> dict``: reconstruction, matched targets, losses and statistics.
+
+``chunk_size`` > 1 splits the decoder's upsampling (see ``chunking``): in training one random non-empty chunk
+is decoded and supervised; in evaluation every chunk is decoded and the results are stitched, equal to the
+un-chunked decode. The transformer part always sees the whole latent set.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctvq.models.chunking import (
+    DEFAULT_PADDING,
+    UPSAMPLE_FACTOR,
+    owned_output_mask,
+    pick_training_chunk,
+    plan_chunks,
+)
+from ctvq.models.decoder import SparseSDFDecoder
+from ctvq.models.encoder import SparseSDFEncoder, convert_linear_and_conv
+from ctvq.models.quantizer import QuantizerOutput, VectorQuantizer
+from ctvq.sparse import SparseTensor, resolve_backend, set_sparse_backend
+
+LOSS_TYPES = ("mse", "l1", "l1_l2")
+
+
+def _linear_keys(coords: torch.Tensor, extent: list[int]) -> torch.Tensor:
+    return ((coords[:, 0] * extent[1] + coords[:, 1]) * extent[2] + coords[:, 2]) * extent[3] + coords[:, 3]
+
+
+def coordinate_rows(query: torch.Tensor, table: torch.Tensor, what: str = "coords") -> torch.Tensor:
+    """Row of ``table`` [M, 4] holding each row of ``query`` [K, 4] (exact coordinate match, any order).
+
+    Raises naming how many query rows are absent: a mismatch means encoder and data disagree on the grid.
+    """
+    if query.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=query.device)
+    q = query.long()
+    t = table.long().to(q.device)
+    if t.shape[0] == 0:
+        raise ValueError(f"{what}: the table is empty but {q.shape[0]} voxels need a row")
+    extent = (torch.maximum(q.amax(dim=0), t.amax(dim=0)) + 1).tolist()
+    table_keys, order = torch.sort(_linear_keys(t, extent))
+    query_keys = _linear_keys(q, extent)
+    pos = torch.searchsorted(table_keys, query_keys).clamp_max(table_keys.shape[0] - 1)
+    found = table_keys[pos] == query_keys
+    if not bool(found.all()):
+        missing = query[~found]
+        raise ValueError(
+            f"{what}: {missing.shape[0]} of {query.shape[0]} voxels have no matching row, e.g. "
+            f"{missing[0].tolist()} (batch, x, y, z); the batch's latent_coords must be the input coords // 8"
+        )
+    return order[pos]
+
+
+def gather_targets(
+    decoded_coords: torch.Tensor, latent_coords: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Target of each decoded voxel: ``targets[row, x % 8, y % 8, z % 8]`` where row holds its parent cell."""
+    parents = decoded_coords.long().clone()
+    parents[:, 1:] = torch.div(parents[:, 1:], UPSAMPLE_FACTOR, rounding_mode="floor")
+    rows = coordinate_rows(parents, latent_coords, "decoded voxels vs batch latent_coords")
+    local = decoded_coords[:, 1:].long() % UPSAMPLE_FACTOR
+    return targets.to(decoded_coords.device)[rows, local[:, 0], local[:, 1], local[:, 2]]
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """mse | l1 | l1_l2 (= 0.5 * L1 + 0.5 * MSE), means over voxels."""
+    if loss_type == "mse":
+        return F.mse_loss(pred, target)
+    if loss_type == "l1":
+        return F.l1_loss(pred, target)
+    if loss_type == "l1_l2":
+        return 0.5 * F.l1_loss(pred, target) + 0.5 * F.mse_loss(pred, target)
+    raise ValueError(f"loss_type={loss_type!r}; use one of {LOSS_TYPES}")
+
+
+class SparseSDFVQVAE(nn.Module):
+    """Encoder (Direct3D-S2 layout) -> VectorQuantizer on the first ``latent_channels`` -> decoder."""
+
+    def __init__(
+        self,
+        resolution: int = 64,
+        model_channels: int = 512,
+        latent_channels: int = 16,
+        num_blocks: int = 8,
+        num_embeddings: int = 8192,
+        num_heads: int | None = None,
+        num_head_channels: int | None = 64,
+        mlp_ratio: float = 4.0,
+        attn_mode: str = "swin",
+        window_size: int = 8,
+        pe_mode: str = "ape",
+        use_fp16: bool = False,
+        use_checkpoint: bool = False,
+        chunk_size: int = 1,
+        qk_rms_norm: bool = False,
+        representation_config: dict[str, Any] | None = None,
+        sdf_input_scale: float = 1.0,
+        codebook_init: str = "random",
+        codebook_update: str = "loss",
+        codebook_ema_decay: float = 0.99,
+        dead_code_threshold: float = 0.0,
+        sparse_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.config: dict[str, Any] = {
+            k: v for k, v in locals().items() if k not in ("self", "__class__")
+        }
+        if resolution < 1:
+            raise ValueError(f"resolution={resolution} must be >= 1 (the latent grid edge, e.g. 64)")
+        if chunk_size < 1 or resolution % chunk_size:
+            raise ValueError(f"chunk_size={chunk_size} must be >= 1 and divide resolution={resolution}")
+        if representation_config is not None and not isinstance(representation_config, dict):
+            raise ValueError(
+                f"representation_config must be a dict or null, got {type(representation_config).__name__}"
+            )
+        if sdf_input_scale <= 0:
+            raise ValueError(f"sdf_input_scale={sdf_input_scale} must be > 0")
+        self.resolution = resolution
+        self.latent_channels = latent_channels
+        self.chunk_size = chunk_size
+        self.chunk_padding = DEFAULT_PADDING
+        self.representation_config = representation_config
+        self.sdf_input_scale = sdf_input_scale
+        self.sparse_backend = sparse_backend
+        torso = dict(
+            model_channels=model_channels,
+            latent_channels=latent_channels,
+            num_blocks=num_blocks,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            mlp_ratio=mlp_ratio,
+            attn_mode=attn_mode,
+            window_size=window_size,
+            pe_mode=pe_mode,
+            use_checkpoint=use_checkpoint,
+            qk_rms_norm=qk_rms_norm,
+        )
+        self.encoder = SparseSDFEncoder(**torso)
+        self.decoder = SparseSDFDecoder(**torso)
+        self.quantizer = VectorQuantizer(
+            num_embeddings,
+            latent_channels,
+            init=codebook_init,
+            update=codebook_update,
+            ema_decay=codebook_ema_decay,
+            dead_code_threshold=dead_code_threshold,
+        )
+        self._backend_device: torch.device | None = None
+        if sparse_backend != "auto":
+            set_sparse_backend(self, resolve_backend(sparse_backend))
+        self.use_fp16 = False
+        if use_fp16:
+            self.convert_to_fp16()
+
+    # -- precision, backend, training stage --------------------------------------------------------------
+    def convert_to_fp16(self) -> None:
+        """Torso weights (down/up blocks, transformer) to float16; norms, input/output layers and codebook
+        stay float32."""
+        for part in (*self.encoder.torso(), *self.decoder.torso()):
+            convert_linear_and_conv(part, torch.float16)
+        self.encoder.dtype = self.decoder.dtype = torch.float16
+        self.use_fp16 = True
+
+    def convert_to_fp32(self) -> None:
+        for part in (*self.encoder.torso(), *self.decoder.torso()):
+            convert_linear_and_conv(part, torch.float32)
+        self.encoder.dtype = self.decoder.dtype = torch.float32
+        self.use_fp16 = False
+
+    def _select_backend(self, device: torch.device) -> None:
+        """Resolve ``sparse_backend="auto"`` for the device the data is on (once per device)."""
+        if self.sparse_backend == "auto" and device != self._backend_device:
+            set_sparse_backend(self, resolve_backend("auto", device))
+            self._backend_device = device
+
+    def freeze_for_stage(self, stage: int) -> None:
+        """Stage 1: encoder and decoder frozen, only the codebook trains. Stage 2: everything trains.
+
+        With ``codebook_update="ema"`` the codebook never takes gradients (EMA updates it in forward).
+        """
+        if stage not in (1, 2):
+            raise ValueError(f"training_stage={stage}; use 1 (codebook only) or 2 (joint)")
+        for part in (self.encoder, self.decoder):
+            part.requires_grad_(stage == 2)
+        self.quantizer.embedding.weight.requires_grad_(self.quantizer.trains_by_gradient)
+
+    # -- encode / decode ---------------------------------------------------------------------------------
+    def _input_tensor(self, batch: Mapping[str, Any] | SparseTensor) -> SparseTensor:
+        if isinstance(batch, SparseTensor):
+            x = batch
+        else:
+            for key in ("coords", "feats"):
+                if key not in batch:
+                    raise ValueError(f"batch lacks '{key}' (expected the collate output: coords, feats, ...)")
+            feats = batch["feats"]
+            if feats.ndim == 1:
+                feats = feats.unsqueeze(1)
+            size = UPSAMPLE_FACTOR * self.resolution
+            if "resolution" in batch and int(batch["resolution"]) != size:
+                raise ValueError(
+                    f"the batch is at resolution {int(batch['resolution'])} but the model's latent "
+                    f"resolution {self.resolution} decodes to {size}; set models.vqvae.args.resolution to "
+                    f"{int(batch['resolution']) // UPSAMPLE_FACTOR}"
+                )
+            x = SparseTensor(
+                batch["coords"],
+                feats.float(),
+                batch_size=int(batch.get("batch_size", int(batch["coords"][:, 0].max()) + 1)),
+                spatial_shape=(size, size, size),
+            )
+        if self.sdf_input_scale != 1.0:
+            x = x.replace(x.feats * self.sdf_input_scale)
+        return x
+
+    def _quantize(self, batch: Mapping[str, Any] | SparseTensor) -> tuple[SparseTensor, QuantizerOutput]:
+        x = self._input_tensor(batch)
+        self._select_backend(x.device)
+        h = self.encoder(x)
+        z = h.feats[:, : self.latent_channels].float()
+        q = self.quantizer(z)
+        return h.replace(q.quantized), q
+
+    def encode(self, batch: Mapping[str, Any] | SparseTensor) -> tuple[SparseTensor, torch.Tensor]:
+        """(quantized latent [M, latent] at the latent resolution, code indices [M])."""
+        latent, q = self._quantize(batch)
+        return latent, q.indices
+
+    def latent_from_indices(self, coords: torch.Tensor, indices: torch.Tensor, batch_size: int | None = None
+                            ) -> SparseTensor:
+        """Latent SparseTensor from token coords [M, 4] (latent grid) and code indices [M]."""
+        if coords.shape[0] != indices.shape[0]:
+            raise ValueError(f"{coords.shape[0]} coords but {indices.shape[0]} indices")
+        feats = self.quantizer.lookup(indices.to(coords.device))
+        res = self.resolution
+        return SparseTensor(
+            coords, feats, batch_size=batch_size, spatial_shape=(res, res, res), scale=UPSAMPLE_FACTOR
+        )
+
+    def decode(self, latent: SparseTensor, chunked: bool | None = None) -> SparseTensor:
+        """Decode quantized latents (build them from indices with ``latent_from_indices``).
+
+        ``chunked``: None follows ``chunk_size`` (> 1 chunks); False forces one pass; True with chunk_size 1
+        is one chunk. In training mode a chunked decode returns one random non-empty chunk only; in eval mode
+        all chunks, stitched (row order: grouped by chunk, then sorted by batch).
+        """
+        self._select_backend(latent.device)
+        h = self.decoder.features(latent)
+        use_chunks = self.chunk_size > 1 if chunked is None else chunked
+        if not use_chunks:
+            return self.decoder.head(h)
+        if self.training:
+            plan = pick_training_chunk(h.coords, self.resolution, self.chunk_size, self.chunk_padding)
+            return self._decode_chunk(h, plan.halo_rows, plan.chunk_id)
+        parts = [
+            self._decode_chunk(h, plan.halo_rows, plan.chunk_id)
+            for plan in plan_chunks(h.coords, self.resolution, self.chunk_size, self.chunk_padding)
+        ]
+        coords = torch.cat([p.coords for p in parts])
+        feats = torch.cat([p.feats for p in parts])
+        size = UPSAMPLE_FACTOR * self.resolution
+        return SparseTensor.from_unsorted(
+            coords, feats, batch_size=latent.batch_size, spatial_shape=(size, size, size)
+        )
+
+    def _decode_chunk(self, h: SparseTensor, rows: torch.Tensor, chunk_id: int) -> SparseTensor:
+        sub = SparseTensor(
+            h.coords[rows], h.feats[rows], batch_size=h.batch_size, spatial_shape=h.spatial_shape,
+            scale=h.scale,
+        )
+        out = self.decoder.head(sub)
+        keep = owned_output_mask(out.coords, chunk_id, self.resolution, self.chunk_size)
+        return SparseTensor(
+            out.coords[keep], out.feats[keep], batch_size=out.batch_size, spatial_shape=out.spatial_shape,
+            scale=out.scale,
+        )
+
+    # -- training forward --------------------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, Any], loss_type: str = "l1") -> dict[str, Any]:
+        """Encode, quantize, decode and compare with ``batch['targets']`` (matched by coordinates)."""
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={loss_type!r}; use one of {LOSS_TYPES}")
+        for key in ("latent_coords", "targets"):
+            if key not in batch:
+                raise ValueError(f"batch lacks '{key}' (needed to supervise the decoder)")
+        latent, q = self._quantize(batch)
+        latent_coords = batch["latent_coords"].to(latent.device)
+        if latent_coords.shape[0] != latent.num_voxels:
+            raise ValueError(
+                f"the encoder produced {latent.num_voxels} latent voxels but the batch has "
+                f"{latent_coords.shape[0]} latent_coords; the input coords must be the band voxels whose "
+                "coords // 8 are latent_coords"
+            )
+        coordinate_rows(latent.coords, latent_coords, "encoder latent coords vs batch latent_coords")
+        recon = self.decode(latent)
+        target = gather_targets(recon.coords, latent_coords, batch["targets"]).float()
+        pred = recon.feats[:, 0].float()
+        return {
+            "recon": recon,
+            "target": target,
+            "recon_loss": reconstruction_loss(pred, target, loss_type),
+            "codebook_loss": q.codebook_loss,
+            "commitment_loss": q.commitment_loss,
+            "indices": q.indices,
+            "usage": q.usage,
+            "perplexity": q.perplexity,
+            "num_points": int(batch["coords"].shape[0]),
+            "num_latent": latent.num_voxels,
+            "num_decoded": recon.num_voxels,
+            "num_restarted_codes": q.num_restarted,
+        }
+
+
+def model_defaults() -> dict[str, Any]:
+    """The constructor defaults of SparseSDFVQVAE (what a config file leaves out)."""
+    sig = inspect.signature(SparseSDFVQVAE.__init__)
+    return {k: p.default for k, p in sig.parameters.items() if k != "self"}
+
+
+__all__ = [
+    "LOSS_TYPES",
+    "SparseSDFVQVAE",
+    "coordinate_rows",
+    "gather_targets",
+    "model_defaults",
+    "reconstruction_loss",
+]
