@@ -63,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load_builtin_commands() -> None:
     """Import the modules that register commands (idempotent: registration happens once per import)."""
-    from ctvq.ct import commands  # noqa: F401
+    from ctvq import commands  # noqa: F401
+    from ctvq.ct import commands as ct_commands  # noqa: F401
 
 
 if __name__ == "__main__":
