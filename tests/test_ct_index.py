@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +48,12 @@ def test_file_chain_equals_the_in_memory_build(small_ct: CTImage, tmp_path: Path
     for name in ("coords", "sdf", "latent_coords", "cell_start", "inside_bits", "affine"):
         np.testing.assert_array_equal(getattr(from_files, name), getattr(direct, name), err_msg=name)
     assert from_files.source == small_ct.source and from_files.case_id == "chest"
+
+
+def test_memory_layout_of_the_volume_does_not_change_the_sample(small_ct: CTImage) -> None:
+    volume = window_image(small_ct, get_window("soft_tissue"), 64, "chest")
+    c_order = replace(volume, values=np.ascontiguousarray(volume.values))
+    f_order = replace(volume, values=np.asfortranarray(volume.values))
+    a, b = build_sample(c_order), build_sample(f_order)
+    for name in ("coords", "sdf", "latent_coords", "cell_start", "inside_bits"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)

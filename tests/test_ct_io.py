@@ -66,12 +66,26 @@ def test_real_mr_slice_is_refused_as_not_hu(tmp_path: Path) -> None:
         read_ct(get_testdata_file("MR_small.dcm"), require_volume=False)
 
 
+@pytest.mark.parametrize("padding", [-2048, -3024, -32768])
+def test_field_of_view_padding_becomes_air(small_ct: CTImage, tmp_path: Path, padding: int) -> None:
+    hu = small_ct.hu.copy()
+    hu[:6, :6, :] = padding
+    padded = CTImage(hu, small_ct.spacing, small_ct.origin, small_ct.direction, "padded")
+    write_ct(padded, tmp_path / "p.nrrd")
+    back = read_ct(tmp_path / "p.nrrd")
+    assert (back.hu[:6, :6, :] == -1024).all()
+    np.testing.assert_array_equal(back.hu[6:], small_ct.hu[6:])
+    assert back.hu.min() < -1024  # air noise below -1024 is data, not padding
+
+
 def test_unscaled_and_out_of_range_values_are_refused() -> None:
     raw = np.linspace(0, 4095, 4096, dtype=np.float32).reshape(16, 16, 16)
     with pytest.raises(CTInputError, match="no air"):
         check_hu(raw, "raw.dcm")
     with pytest.raises(CTInputError, match="outside the CT HU range"):
-        check_hu(raw - 8000, "shifted.nii")
+        check_hu(raw - 40000, "shifted.nii")
+    with pytest.raises(CTInputError, match="outside the CT HU range"):
+        check_hu(raw * 100, "scaled.nii")
     with pytest.raises(CTInputError, match="constant"):
         check_hu(np.zeros((4, 4, 4), np.float32), "flat.nii")
 

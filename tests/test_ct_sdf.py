@@ -21,6 +21,11 @@ def _sphere(n: int = 48, radius: float = 13.3) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(0.5 - 0.1 * true, 0.0, 1.0).astype(np.float32), true
 
 
+def _flat_sdf(volume: np.ndarray, iso: float, band: float) -> tuple[np.ndarray, np.ndarray]:
+    coords, signed = narrow_band_sdf(volume, iso, band)
+    return np.ravel_multi_index(coords.T, volume.shape), signed
+
+
 def _dense_reference(volume: np.ndarray, iso: float) -> np.ndarray:
     """Brute force: the same discrete problem (interface seeds, upwind Eikonal update) solved by float64
     Jacobi iteration over EVERY voxel of the grid until nothing changes; unsigned."""
@@ -51,7 +56,7 @@ def _dense_reference(volume: np.ndarray, iso: float) -> np.ndarray:
 
 def test_band_membership_and_values_equal_a_full_grid_solution() -> None:
     volume, _ = _sphere()
-    flat, signed = narrow_band_sdf(volume, 0.5, BAND)
+    flat, signed = _flat_sdf(volume, 0.5, BAND)
     reference = _dense_reference(volume, 0.5).ravel()
     ref_band = np.flatnonzero(reference <= BAND)
     ties = np.flatnonzero(np.abs(reference - BAND) < 1e-4)
@@ -62,7 +67,7 @@ def test_band_membership_and_values_equal_a_full_grid_solution() -> None:
 def test_band_membership_on_a_phantom_crop_equals_the_full_grid_solution(small_ct: CTImage) -> None:
     cube, _ = resample_to_cube(small_ct, 64)
     volume = get_window("bone").apply(cube)[8:56, 8:56, 8:56]
-    flat, signed = narrow_band_sdf(volume, 0.5, BAND)
+    flat, signed = _flat_sdf(volume, 0.5, BAND)
     reference = _dense_reference(volume, 0.5).ravel()
     ties = np.flatnonzero(np.abs(reference - BAND) < 1e-4)
     assert np.setdiff1d(np.setxor1d(np.flatnonzero(reference <= BAND), flat), ties).size == 0
@@ -71,7 +76,7 @@ def test_band_membership_on_a_phantom_crop_equals_the_full_grid_solution(small_c
 
 def test_sphere_distances_are_sub_voxel_and_beat_the_full_grid_edt() -> None:
     volume, true = _sphere()
-    flat, signed = narrow_band_sdf(volume, 0.5, BAND)
+    flat, signed = _flat_sdf(volume, 0.5, BAND)
     error = np.abs(signed - true.ravel()[flat])
     assert np.median(error) < 0.06 and error.max() < 0.45
     inside = volume > 0.5
@@ -114,6 +119,18 @@ def test_zero_level_matches_marching_cubes_of_the_resampled_hu(small_ct: CTImage
     assert np.percentile(offset, 95) < 0.25
 
 
+def test_memory_layout_does_not_change_the_result() -> None:
+    volume, _ = _sphere(40, 11.2)
+    volume = volume[:, ::-1, :] * np.linspace(0.9, 1.1, 40, dtype=np.float32)[None, None, :]  # anisotropic
+    c_order = np.ascontiguousarray(volume)
+    f_order = np.asfortranarray(volume)
+    flat_c, d_c = _flat_sdf(c_order, 0.5, BAND)
+    flat_f, d_f = _flat_sdf(f_order, 0.5, BAND)
+    order_c, order_f = np.argsort(flat_c), np.argsort(flat_f)
+    np.testing.assert_array_equal(flat_c[order_c], flat_f[order_f])
+    np.testing.assert_allclose(d_c[order_c], d_f[order_f], atol=1e-5)
+
+
 def test_no_iso_surface_is_an_input_error() -> None:
     with pytest.raises(CTInputError, match="no iso-surface"):
         narrow_band_sdf(np.full((16, 16, 16), 0.2, np.float32), 0.5, BAND)
@@ -121,7 +138,7 @@ def test_no_iso_surface_is_an_input_error() -> None:
 
 def test_band_width_is_configurable() -> None:
     volume, _ = _sphere()
-    flat1, d1 = narrow_band_sdf(volume, 0.5, 1.5)
-    flat3, d3 = narrow_band_sdf(volume, 0.5, 3.0)
+    flat1, d1 = _flat_sdf(volume, 0.5, 1.5)
+    flat3, d3 = _flat_sdf(volume, 0.5, 3.0)
     assert np.abs(d1).max() <= 1.5 < np.abs(d3).max()
     assert np.isin(flat1, flat3).all()

@@ -48,18 +48,17 @@ def compute_band(volume: WindowedVolume, band: float = 3.0, iso_value: float = 0
         raise CTInputError(f"{volume.case_id}: windowed volume of shape {volume.values.shape}; "
                            f"expected a cube whose side is a multiple of {LATENT_STRIDE}")
     try:
-        flat, distance = narrow_band_sdf(volume.values, iso_value, band)
+        voxels, distance = narrow_band_sdf(volume.values, iso_value, band)
     except CTInputError as exc:
         raise CTInputError(f"{volume.case_id} ({volume.source}): window {volume.window.name!r} "
                            f"(W={volume.window.width:g}, L={volume.window.level:g}): {exc}") from exc
-    coords = np.stack(np.unravel_index(flat, volume.values.shape), axis=1).astype(np.int16)
+    coords = voxels.astype(np.int16)
+    del voxels
     side = res // LATENT_STRIDE
     cells = occupied_cells(flat_cells(coords, res), side)
     latent = np.stack(np.unravel_index(cells, (side,) * 3), axis=1).astype(np.int16)
-    inside = np.greater(volume.values, iso_value).reshape(side, LATENT_STRIDE, side, LATENT_STRIDE, side,
-                                                          LATENT_STRIDE)
-    masks = inside[latent[:, 0], :, latent[:, 1], :, latent[:, 2], :]  # (M, 8, 8, 8), local x, y, z
-    bits = np.packbits(masks.reshape(latent.shape[0], CELL_VOXELS), axis=1)
+    bits = np.packbits(cell_masks(np.greater(volume.values, iso_value), latent).reshape(-1, CELL_VOXELS),
+                       axis=1)
     sdf = np.clip(distance / np.float32(band), -1.0, 1.0).astype(np.float32)
     return BandField(coords=coords, sdf=sdf, latent_coords=latent, inside_bits=bits, band=float(band),
                      iso_value=float(iso_value), resolution=res, affine=volume.affine, window=volume.window,
@@ -71,6 +70,18 @@ def flat_cells(coords: np.ndarray, resolution: int) -> np.ndarray:
     side = resolution // LATENT_STRIDE
     cell = coords.astype(np.int64) // LATENT_STRIDE
     return (cell[:, 0] * side + cell[:, 1]) * side + cell[:, 2]
+
+
+def cell_masks(mask: np.ndarray, latent: np.ndarray) -> np.ndarray:
+    """(M, 8, 8, 8) children of the given latent cells, local (x, y, z) order, from a C- or F-ordered
+    (x, y, z) mask without copying the full grid."""
+    s = LATENT_STRIDE
+    n = mask.shape[0] // s
+    x, y, z = latent[:, 0], latent[:, 1], latent[:, 2]
+    if mask.flags.f_contiguous and not mask.flags.c_contiguous:
+        blocks = mask.T.reshape(n, s, n, s, n, s)[z, :, y, :, x, :]
+        return blocks.transpose(0, 3, 2, 1)  # (M, z, y, x) -> (M, x, y, z)
+    return np.ascontiguousarray(mask).reshape(n, s, n, s, n, s)[x, :, y, :, z, :]
 
 
 def occupied_cells(cells: np.ndarray, side: int) -> np.ndarray:

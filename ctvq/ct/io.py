@@ -23,9 +23,11 @@ from ctvq.ct.errors import CTInputError
 FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 AIR_HU = -1024.0
 
-# HU plausibility: CT air is about -1000, padding outside the field of view is often -2048 or -3024,
-# dense metal reaches a few thousand. Stored values without the DICOM rescale have no negative air.
-_MIN_PLAUSIBLE_HU = -3100.0
+# HU plausibility: CT air is about -1000; padding outside the field of view is often -2048, -3024 or even
+# -32768 (set to air on reading); dense metal reaches a few thousand. Stored values without the DICOM
+# rescale have no negative air; MR has none either.
+_MIN_PLAUSIBLE_HU = -32768.0
+_PADDING_BELOW_HU = -1500.0  # no tissue or air noise is this low: only padding
 _MAX_PLAUSIBLE_HU = 32767.0
 _AIR_BELOW_HU = -700.0
 _MIN_AIR_FRACTION = 1e-3
@@ -76,6 +78,7 @@ def read_ct(path: str | os.PathLike, require_volume: bool = True) -> CTImage:
                            "a 3-D volume is required (give the whole DICOM series folder)")
     hu = sitk.GetArrayViewFromImage(image).astype(np.float32).transpose(2, 1, 0)
     check_hu(hu, str(path))
+    np.putmask(hu, hu < _PADDING_BELOW_HU, np.float32(AIR_HU))  # field-of-view padding -> air
     return CTImage(
         hu=hu,
         spacing=tuple(float(s) for s in image.GetSpacing()),

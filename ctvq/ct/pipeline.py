@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from ctvq.ct.band import BandField, compute_band
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.index import build_index
@@ -59,12 +57,3 @@ def build_band(windowed_volume: WindowedVolume, band: float = 3.0, iso_value: fl
 def build_sample(windowed_volume: WindowedVolume, band: float = 3.0, iso_value: float = 0.5) -> SparseSample:
     """The training sample of a windowed volume: narrow-band SDF plus sparse index, in memory."""
     return build_index(compute_band(windowed_volume, band=band, iso_value=iso_value))
-
-
-def bounding_box(sample: SparseSample) -> tuple[int, int, int, int, int, int]:
-    """Voxel bounding box (x0, y0, z0, x1, y1, z1), inclusive, of the band."""
-    if sample.num_points == 0:
-        raise CTInputError(f"{sample.case_id}: sample has no band voxels")
-    lo = sample.coords.min(axis=0)
-    hi = sample.coords.max(axis=0)
-    return tuple(int(v) for v in np.concatenate([lo, hi]))  # type: ignore[return-value]

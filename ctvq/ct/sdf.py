@@ -9,12 +9,14 @@ voxel-accurate (distances between voxel centres). Here the work is proportional 
    exact for a planar surface.
 2. The distance is propagated outward with the first-order upwind Eikonal update
    (``sum_a max(d - m_a, 0)² = 1``; exact for planar fronts), accepting voxels in buckets of increasing
-   distance (a vectorised fast-marching order), then sweeping until no value changes: the result is the
-   fixed point of the discrete problem, the same as a full-grid solve (tested). A voxel whose estimate
+   distance (a vectorised fast-marching order), each bucket iterated until no value changes, then one
+   checking sweep (and the few follow-ups it triggers): the result is the fixed point of the discrete
+   problem, the same as a full-grid solve (tested). A voxel whose estimate
    exceeds ``band + margin`` is never expanded, since distances only grow outward.
 
 Only the band's voxels are ever listed (as sorted index arrays, so the neighbour gathers stream through
-memory); a float32 distance grid and a uint8 state grid are the only full-size buffers.
+memory); a float32 distance grid and a uint8 state grid over the surface's bounding box are the only
+large buffers.
 """
 
 from __future__ import annotations
@@ -34,24 +36,33 @@ _MAX_SWEEPS = 20
 
 
 def narrow_band_sdf(volume: np.ndarray, iso_value: float, band: float) -> tuple[np.ndarray, np.ndarray]:
-    """Return (flat C-order indices into ``volume``, signed distances float32 in voxels) with |d| <= band.
+    """Return (voxel coordinates (N, 3) int64 in the volume's index order, signed distances float32 in
+    voxels) of the voxels with |d| <= band, in no particular order.
 
-    ``volume`` is a 3-D array (any float dtype); inside means ``volume > iso_value`` and has negative
-    distance. Indices are ascending. Raises CTInputError if the iso-surface does not exist.
+    ``volume`` is a 3-D array (any float or integer dtype, C- or Fortran-ordered: the work runs on the
+    C-ordered view, so no copy is made); inside means ``volume > iso_value`` and has negative distance.
+    Raises CTInputError if the iso-surface does not exist.
     """
     if volume.ndim != 3 or min(volume.shape) < 2:
         raise CTInputError(f"volume of shape {volume.shape}: need a 3-D grid, >= 2 voxels per axis")
     if not band > 0:
         raise CTInputError(f"band {band}: must be > 0 voxels")
-    inside = np.greater(volume, iso_value)
-    idx, phi0 = interface_distances(volume, inside, iso_value)
+    transposed = volume.flags.f_contiguous and not volume.flags.c_contiguous
+    work = volume.T if transposed else np.ascontiguousarray(volume)
+    inside = np.greater(work, iso_value)
+    idx, phi0 = interface_distances(work, inside, iso_value)
     if idx.size == 0:
         raise CTInputError(f"no iso-surface at {iso_value}: every voxel is on the same side")
-    shape = volume.shape
-    padded = tuple(s + 2 for s in shape)
+    # the marching grids only span the interface's bounding box plus a margin the band cannot cross
+    seed_coords = np.stack(np.unravel_index(idx, work.shape), axis=1)
+    margin = int(math.ceil(band + _LAYER_MARGIN)) + 2
+    lo = np.maximum(seed_coords.min(axis=0) - margin, 0)
+    hi = np.minimum(seed_coords.max(axis=0) + margin + 1, work.shape)
+    padded = tuple(int(n) + 2 for n in hi - lo)
     dist = np.full(math.prod(padded), np.inf, dtype=np.float32)
     _mark_padding(dist, padded, np.nan)
-    seeds = _to_padded(idx, shape)
+    seeds = np.ravel_multi_index(tuple((seed_coords - lo + 1).T), padded)
+    del seed_coords
     state = np.zeros(dist.size, dtype=np.uint8)
     _mark_padding(state, padded, _BLOCKED)
     state[seeds] = _SEED
@@ -62,12 +73,12 @@ def narrow_band_sdf(volume: np.ndarray, iso_value: float, band: float) -> tuple[
     all_members = np.concatenate([seeds, members])
     values = dist[all_members]
     keep = values <= band
-    flat = _from_padded(all_members[keep], shape)
+    del dist
+    coords = np.stack(np.unravel_index(all_members[keep], padded), axis=1) + (lo - 1)
     values = values[keep]
-    order = np.argsort(flat, kind="stable")  # two sorted runs
-    flat, values = flat[order], values[order]
-    signed = np.where(inside.ravel()[flat], -values, values).astype(np.float32)
-    return flat, signed
+    flat_work = np.ravel_multi_index(tuple(coords.T), work.shape)
+    signed = np.where(inside.ravel()[flat_work], -values, values).astype(np.float32)
+    return (coords[:, ::-1] if transposed else coords), signed
 
 
 def interface_distances(
@@ -122,38 +133,41 @@ def _mark_padding(flat: np.ndarray, padded: tuple[int, int, int], value: float) 
     grid[:, :, 0], grid[:, :, -1] = value, value
 
 
-def _to_padded(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    x, y, z = np.unravel_index(flat, shape)
-    return np.ravel_multi_index((x + 1, y + 1, z + 1), tuple(s + 2 for s in shape)).astype(np.int64)
-
-
-def _from_padded(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    x, y, z = np.unravel_index(flat, tuple(s + 2 for s in shape))
-    return np.ravel_multi_index((x - 1, y - 1, z - 1), shape).astype(np.int64)
-
-
 def _strides(padded: tuple[int, int, int]) -> tuple[int, int, int]:
     return (padded[1] * padded[2], padded[2], 1)
 
 
 def _eikonal(dist: np.ndarray, at: np.ndarray, padded: tuple[int, int, int]) -> np.ndarray:
     """First-order upwind solution of |grad d| = 1 at ``at`` from the current neighbour values."""
-    sx, sy, sz = _strides(padded)
-    a = np.fmin(dist[at - sx], dist[at + sx])
-    b = np.fmin(dist[at - sy], dist[at + sy])
-    c = np.fmin(dist[at - sz], dist[at + sz])
-    low, high = np.minimum(a, b), np.maximum(a, b)  # sorting network: m1 <= m2 <= m3
-    m1, mid = np.minimum(low, c), np.maximum(low, c)
-    m2, m3 = np.minimum(high, mid), np.maximum(high, mid)
+    m = []
+    for stride in _strides(padded):
+        before = at - stride  # the voxel after is the same index into the view shifted by 2 strides
+        m.append(np.fmin(dist[before], dist[2 * stride:][before]))
+    a, b, c = m
+    low, high = np.minimum(a, b), np.maximum(a, b, out=b)  # sorting network: m1 <= m2 <= m3
+    m1, mid = np.minimum(low, c), np.maximum(low, c, out=c)
+    m2, m3 = np.minimum(high, mid, out=a), np.maximum(high, mid, out=low)
+    one, two, three = np.float32(1.0), np.float32(2.0), np.float32(3.0)
     with np.errstate(invalid="ignore", over="ignore"):
-        d = m1 + np.float32(1.0)
+        d = m1 + one
         diff = m1 - m2
-        d2 = (m1 + m2 + np.sqrt(np.maximum(np.float32(2.0) - diff * diff, 0))) * np.float32(0.5)
-        d = np.where(d > m2, d2, d)
-        s = m1 + m2 + m3
-        q = m1 * m1 + m2 * m2 + m3 * m3
-        d3 = (s + np.sqrt(np.maximum(s * s - np.float32(3.0) * (q - np.float32(1.0)), 0))) / np.float32(3.0)
-        return np.where(d > m3, d3, d).astype(np.float32, copy=False)
+        d2 = m1 + m2
+        d2 += np.sqrt(np.maximum(two - diff * diff, 0, out=diff), out=diff)
+        d2 *= np.float32(0.5)
+        np.copyto(d, d2, where=d > m2)
+        s = m1 + m2
+        s += m3
+        q = m1 * m1
+        q += m2 * m2
+        q += m3 * m3
+        q -= one
+        q *= three
+        disc = s * s
+        disc -= q
+        s += np.sqrt(np.maximum(disc, 0, out=disc), out=disc)
+        s /= three
+        np.copyto(d, s, where=d > m3)
+        return d
 
 
 def _neighbours(at: np.ndarray, padded: tuple[int, int, int]) -> np.ndarray:
@@ -176,8 +190,8 @@ def _sorted_unique(runs: np.ndarray) -> np.ndarray:
 def _march(
     dist: np.ndarray, state: np.ndarray, seeds: np.ndarray, padded: tuple[int, int, int], band: float
 ) -> np.ndarray:
-    """Accept voxels in buckets of increasing distance (width 1/sqrt(3)); each bucket is iterated to its
-    fixed point on acceptance. Every index list stays sorted. Returns the accepted non-seeds (sorted)."""
+    """Accept voxels in buckets of increasing distance (width 1/sqrt(3)), settling each bucket on
+    acceptance. Every index list stays sorted. Returns the accepted non-seeds (sorted)."""
     limit = band + _LAYER_MARGIN
     tentative = np.empty(0, dtype=np.int64)
     newly = seeds
@@ -204,7 +218,8 @@ def _march(
 
 
 def _settle(dist: np.ndarray, group: np.ndarray, padded: tuple[int, int, int]) -> None:
-    """Iterate one bucket to its fixed point: a voxel may lean on a slightly nearer bucket-mate."""
+    """Iterate a just-accepted bucket towards its fixed point (a voxel may lean on a slightly nearer
+    bucket-mate); once few voxels move, only those are revisited. ``_converge`` makes it exact."""
     for _ in range(_MAX_SWEEPS):
         old = dist[group]
         new = np.fmin(old, _eikonal(dist, group, padded))
@@ -212,12 +227,13 @@ def _settle(dist: np.ndarray, group: np.ndarray, padded: tuple[int, int, int]) -
         moved = old - new > _CONVERGED
         if not moved.any():
             return
-        group = group[moved] if moved.mean() < 0.25 else group
+        if moved.mean() < 0.25:
+            group = group[moved]
 
 
 def _converge(dist: np.ndarray, state: np.ndarray, members: np.ndarray, padded: tuple[int, int, int]) -> None:
-    """Sweep until no accepted value changes (after marching: one full sweep and a few small ones); after
-    the first sweep only accepted neighbours of changed voxels are revisited. Seeds stay fixed."""
+    """Sweep until no accepted value changes: one full sweep, then only accepted neighbours of changed
+    voxels. Seeds stay fixed."""
     active = members
     for _ in range(_MAX_SWEEPS):
         if active.size == 0:

@@ -96,7 +96,11 @@ def save_windowed(volume: WindowedVolume, path: str | os.PathLike) -> None:
 
 
 def quantise(values: np.ndarray, slab: int = 16) -> np.ndarray:
-    """uint16 = round(values * 65535), slab by slab through one small reused float32 buffer."""
+    """uint16 = round(values * 65535) in the same memory layout, slab by slab through one small reused
+    float32 buffer."""
+    if values.flags.f_contiguous and not values.flags.c_contiguous:
+        return quantise(values.T, slab).T
+    values = np.ascontiguousarray(values)
     out = np.empty(values.shape, dtype=np.uint16)
     buffer = np.empty((min(slab, values.shape[0]), *values.shape[1:]), dtype=np.float32)
     for start in range(0, values.shape[0], slab):
