@@ -5,7 +5,9 @@ backend is always timed (torch threads: --threads, default 1); the spconv backen
 single-threaded when spconv imports (its CPU backward needs CUDA and its CPU scatter is racy with more
 threads, FACTS.md), together with its largest difference from the torch backend. Writes JSON.
 
-    .venv/bin/python bench/sparse_conv.py [--voxels 5000 20000 80000] [--channels 64] [--threads 1]
+    .venv/bin/python bench/sparse_conv.py [--voxels 5000 20000 80000] [--channels 32 64 128] [--threads 1]
+
+To time spconv too, run it with an interpreter that has the CPU `spconv` wheel and ctvq on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def bench_one(n_target: int, channels: int, repeats: int, device: torch.device) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--voxels", type=int, nargs="+", default=[5000, 20000, 80000])
-    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -114,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    rows = [bench_one(n, args.channels, args.repeats, device) for n in args.voxels]
+    rows = [bench_one(n, c, args.repeats, device) for c in args.channels for n in args.voxels]
     result = {
         "benchmark": "sparse_conv_3x3x3_submanifold",
         "device": str(device),
