@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ctvq demo --output-dir demo_output
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores all --snakefile workflow/Snakefile --configfile configs/pipeline.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf demo_output .pytest_cache
+	rm -rf results logs .pytest_cache
