@@ -1,7 +1,7 @@
 """The ``ctvq`` command line: one argparse subcommand per pipeline step, kept in a registry.
 
 Other packages add commands with ``register_command``; a duplicate name is an error. Expected failures
-(bad scans, bad files, bad settings) print one line, ``ctvq <cmd>: error: <file>: <reason>``, and exit 2;
+(bad scans, bad files, bad settings) print ``ctvq <cmd>: error: <file>: <reason>`` (a line per problem);
 anything else is a bug and keeps its traceback.
 """
 
@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command.run(args)
     except BASE_EXPECTED_ERRORS + command.expected_errors as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # The whole message: a config with several mistakes lists one per line after its headline.
+        message = str(exc) or type(exc).__name__
         print(f"ctvq {command.name}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -52,3 +52,27 @@ register_command(Command(
 register_command(Command(
     "inspect-weights", "print what a checkpoint holds and which model config matches it",
     _configure_inspect, _run_inspect, expected_errors=(PretrainedWeightsError,)))
+
+
+def _register_model_commands() -> None:
+    """Training and evaluation commands live with their packages; registered here for `ctvq --help`."""
+    from ctvq.eval import command as eval_command
+    from ctvq.train import command as train_command
+
+    register_command(Command(
+        "train", "train the sparse SDF VQ-VAE (stage 1: codebook, stage 2: joint)",
+        train_command.add_arguments, train_command.run, expected_errors=train_command.EXPECTED_ERRORS))
+    register_command(Command(
+        "eval", "metrics, figures and meshes of a checkpoint on preprocessed cases",
+        eval_command.add_eval_arguments, eval_command.run_eval, expected_errors=eval_command.EXPECTED_ERRORS))
+    register_command(Command(
+        "encode", "a CT scan or sample -> token grid (latent coords + code indices)",
+        eval_command.add_encode_arguments, eval_command.run_encode,
+        expected_errors=eval_command.EXPECTED_ERRORS))
+    register_command(Command(
+        "decode", "a token grid -> reconstructed surface mesh (PLY) and sparse SDF",
+        eval_command.add_decode_arguments, eval_command.run_decode,
+        expected_errors=eval_command.EXPECTED_ERRORS))
+
+
+_register_model_commands()

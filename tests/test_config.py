@@ -71,10 +71,11 @@ REFERENCE_DEFAULTS = [
     ("trainer.grad_clip.clip_percentile", 95, 95),
     # ctvq extras (the and the lead's defaults)
     ("model.sdf_input_scale", 1.0, 1.0),
-    ("model.codebook_init", "random", "random"),
-    ("model.codebook_update", "loss", "loss"),
+    # codebook defaults chosen from bench/train.py's codebook-health measurement (kmeans + EMA + restarts)
+    ("model.codebook_init", "kmeans", "kmeans"),
+    ("model.codebook_update", "ema", "ema"),
     ("model.codebook_ema_decay", 0.99, 0.99),
-    ("model.dead_code_threshold", 0.0, 0.0),
+    ("model.dead_code_threshold", 0.1, 0.1),
     ("model.sparse_backend", "auto", "auto"),
     ("dataset.window_width", None, None),
     ("dataset.window_level", None, None),

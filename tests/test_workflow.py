@@ -3,6 +3,7 @@ and the same DAG submitted to a real single-node SLURM cluster (scripts/slurm-lo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from ctvq.data.sample import load_sample
@@ -29,6 +31,13 @@ def _write_config(workdir: Path, **overrides) -> Path:
         "band": 3.0,
         "min_points": 100,
         "results": "results",
+        "train": {
+            "windows": ["lung"],
+            "stage1_config": str(ROOT / "configs" / "vqvae" / "tiny_stage1.json"),
+            "stage2_config": str(ROOT / "configs" / "vqvae" / "tiny_stage2.json"),
+            "max_steps": 3,
+            "threads": 1,
+        },
     }
     config.update(overrides)
     path = workdir / "pipeline.yaml"
@@ -54,7 +63,8 @@ def test_dry_run_lists_one_job_per_case_and_window(tmp_path: Path) -> None:
     run = _snakemake(tmp_path, "-n", "--cores", "1")
     assert run.returncode == 0, run.stderr
     counts = _job_counts(run.stdout + run.stderr)
-    assert counts == {"phantom": 3, "window": 6, "sdf": 6, "index": 6, "manifest": 2, "all": 1}
+    assert counts == {"phantom": 3, "window": 6, "sdf": 6, "index": 6, "manifest": 2,
+                      "train_stage1": 1, "train_stage2": 1, "evaluate": 1, "all": 1}
 
 
 def test_bad_pipeline_config_is_refused_naming_the_key(tmp_path: Path) -> None:
@@ -66,10 +76,15 @@ def test_bad_pipeline_config_is_refused_naming_the_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_full_run_writes_samples_and_a_second_run_does_nothing(tmp_path: Path) -> None:
+def test_full_run_trains_evaluates_and_a_second_run_does_nothing(tmp_path: Path) -> None:
     _write_config(tmp_path)
     run = _snakemake(tmp_path, "--cores", "2")
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    metrics = json.loads((tmp_path / "results" / "eval" / "lung" / "metrics.json").read_text())
+    assert metrics["num_cases"] == 2
+    final = tmp_path / "results" / "train" / "lung" / "stage2" / "ckpts" / "final.pt"
+    stage2 = torch.load(final, weights_only=False)
+    assert stage2["ctvq"]["stage"] == 2
     manifest = (tmp_path / "results" / "manifests" / "lung.csv").read_text()
     assert manifest.count(",ok") == 2
     sample = load_sample(tmp_path / "results" / "samples" / "lung" / "phantom00.npz")
@@ -84,7 +99,7 @@ def test_corrupt_scan_fails_its_own_rule_by_name_while_other_cases_finish(tmp_pa
     bad = tmp_path / "broken_scan.nii.gz"
     bad.write_bytes(b"\x1f\x8b this is not a NIfTI file")
     _write_config(tmp_path, inputs={"phantoms": 1, "scans": {"broken": str(bad)}})
-    run = _snakemake(tmp_path, "--cores", "2", "--keep-going")
+    run = _snakemake(tmp_path, "--cores", "2", "--keep-going", "preprocess")
     assert run.returncode != 0
     log = (tmp_path / "logs" / "window" / "lung" / "broken.log").read_text()
     assert "broken_scan.nii.gz" in log
@@ -110,12 +125,13 @@ def test_slurm_profile_runs_every_job_under_slurm_with_outputs_equal_to_a_local_
     for workdir in (local, cluster):
         workdir.mkdir()
         _write_config(workdir, inputs={"phantoms": 1})
-    assert _snakemake(local, "--cores", "2").returncode == 0
+    assert _snakemake(local, "--cores", "2", "preprocess").returncode == 0
     # The plugin can hang on status polling (FACTS.md): a hard timeout keeps the suite bounded.
     run = _snakemake(cluster, "--profile", str(ROOT / "workflow" / "profiles" / "slurm-local"), timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     submitted = re.findall(r"submitted with SLURM jobid (\d+)", run.stdout + run.stderr)
-    assert len(submitted) == 5  # phantom, window, sdf, index, manifest; `all` is local
+    # phantom, window, sdf, index, manifest, train_stage1, train_stage2, evaluate; `all` runs locally
+    assert len(submitted) == 8
     sacct = subprocess.run(["sacct", "-X", "-n", "-P", "--format=JobID,State", "-j", ",".join(submitted)],
                            capture_output=True, text=True, check=True).stdout
     states = dict(line.split("|") for line in sacct.strip().splitlines())

@@ -75,7 +75,9 @@ class ModelConfig:
       scale is unpublished, so it is a setting to measure);
     - codebook health: ``codebook_init`` ("random" | "kmeans" from encoder outputs), ``codebook_update``
       ("loss": codebook loss gradients | "ema": EMA cluster updates with ``codebook_ema_decay``),
-      ``dead_code_threshold`` (usage count below which a code is restarted; 0 disables restarts);
+      ``dead_code_threshold`` (usage count below which a code is restarted; 0 disables restarts). Defaults
+      kmeans + ema + 0.1 come from the measurement in bench/results/train.json (codebook_health): random init
+      collapsed to one code (usage 0.008), kmeans+ema kept 0.34 usage and restarts kept more codes alive;
     - ``sparse_backend``: "torch" (pure PyTorch, everywhere), "spconv" (GPU) or "auto" (spconv when it and a
       GPU are available, else torch).
     """
@@ -99,10 +101,10 @@ class ModelConfig:
     representation_config: dict[str, Any] | None = spec(None)
     # ctvq extras
     sdf_input_scale: float = spec(1.0, check=POSITIVE)
-    codebook_init: Literal["random", "kmeans"] = spec("random")
-    codebook_update: Literal["loss", "ema"] = spec("loss")
+    codebook_init: Literal["random", "kmeans"] = spec("kmeans")
+    codebook_update: Literal["loss", "ema"] = spec("ema")
     codebook_ema_decay: float = spec(0.99, check=OPEN_UNIT)
-    dead_code_threshold: float = spec(0.0, check=NON_NEGATIVE)
+    dead_code_threshold: float = spec(0.1, check=NON_NEGATIVE)
     sparse_backend: Literal["torch", "spconv", "auto"] = spec("auto")
 
     @property

@@ -46,6 +46,29 @@ def _case_table() -> dict[str, str]:
 CASES = _case_table()
 
 
+def _train_settings() -> dict:
+    """The train section, checked against the pipeline (windows, resolution) before any job runs."""
+    from ctvq.config import load_config
+
+    train = config["train"]
+    unknown = [w for w in train["windows"] if w not in WINDOWS]
+    if unknown:
+        raise ValueError(f"configs/pipeline.yaml: train.windows: {unknown} are not in windows {WINDOWS}")
+    for key in ("stage1_config", "stage2_config"):
+        cfg = load_config(train[key])
+        if cfg.dataset.resolution != config["resolution"]:
+            raise ValueError(
+                f"configs/pipeline.yaml: train.{key}: {train[key]} trains at dataset.args.resolution "
+                f"{cfg.dataset.resolution} but the pipeline preprocesses at resolution {config['resolution']}; "
+                "make them equal")
+        if cfg.stage != int(key[5]):
+            raise ValueError(f"configs/pipeline.yaml: train.{key}: {train[key]} is a stage-{cfg.stage} config")
+    return train
+
+
+TRAIN = _train_settings()
+
+
 wildcard_constraints:
     case="|".join(sorted(CASES)),
     window="|".join(WINDOWS),

@@ -1,0 +1,167 @@
+"""argparse front ends of ``ctvq eval``, ``ctvq encode`` and ``ctvq decode`` (the lead registers them).
+
+Expected failures raise ``EXPECTED_ERRORS``; the CLI prints their first line and exits 2.
+``python -m ctvq.eval.command {eval,encode,decode} ...`` runs them standalone with the same behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ctvq.ct.errors import CTInputError
+from ctvq.ct.pipeline import build_sample, window_scan
+from ctvq.ct.volume_file import save_npz_atomic
+from ctvq.ct.windows import Window
+from ctvq.data.sample import SampleFormatError, SparseSample, load_sample
+from ctvq.eval.evaluate import run_evaluation
+from ctvq.eval.loading import (
+    DataSettings,
+    EvalInputError,
+    check_model_settings,
+    load_model,
+    load_settings,
+)
+from ctvq.eval.metrics import DEFAULT_POINTS
+from ctvq.eval.surfaces import sparse_surface, write_ply
+from ctvq.eval.tokens import decode_tokens, encode_sample, load_tokens, save_tokens
+from ctvq.train.checkpoint import CheckpointError
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (EvalInputError, CheckpointError, CTInputError,
+                                                     SampleFormatError)
+_SDF_KIND = "ctvq-decoded-sdf"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", type=Path, required=True,
+                   help="model checkpoint of `ctvq train` (ckpts/final.pt)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path,
+                   help="the training config of the checkpoint (default: config.json of its run folder); "
+                        "gives the window, resolution and band samples must have")
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    _add_config(p)
+    p.add_argument("--data", type=Path, required=True, help="manifest CSV, folder of samples, or one sample")
+    p.add_argument("-o", "--output", type=Path, required=True, help="metrics.json (flat, for dvc metrics)")
+    p.add_argument("--output-dir", type=Path,
+                   help="cases.csv, figures/, meshes/, training_curves.* (default: the folder of -o)")
+    p.add_argument("--points", type=int, default=DEFAULT_POINTS,
+                   help=f"surface points sampled per mesh for Chamfer/F-score (default {DEFAULT_POINTS})")
+    p.add_argument("--seed", type=int, default=0, help="surface sampling seed (default 0)")
+    p.add_argument("--windowed-dir", type=Path,
+                   help="folder of windowed volumes for the figures' background (default: ../windowed next "
+                        "to the samples, as `ctvq demo` lays them out; without one the input SDF is shown)")
+    p.add_argument("--train-log", type=Path,
+                   help="metrics.csv of the training run for the curves (default: the checkpoint's run's)")
+    p.add_argument("--no-meshes", action="store_true", help="skip the PLY meshes")
+    p.add_argument("--no-figures", action="store_true", help="skip the slice figures")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if args.points < 1:
+        raise EvalInputError(f"--points {args.points}: must be >= 1")
+    loaded = load_model(args.ckpt, args.device)
+    settings = load_settings(args.ckpt, args.config)
+    check_model_settings(loaded, settings)
+    out_dir = args.output_dir if args.output_dir is not None else args.output.parent
+    summary = run_evaluation(loaded, settings, args.data, args.output, out_dir, points=args.points,
+                             seed=args.seed, meshes=not args.no_meshes, figures=not args.no_figures,
+                             windowed_dir=args.windowed_dir, train_log=args.train_log)
+    print(f"ctvq eval: wrote {args.output} ({summary['num_cases']} cases) and {out_dir}/cases.csv",
+          file=sys.stderr)
+    return 0
+
+
+def add_encode_arguments(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    _add_config(p)
+    p.add_argument("input", type=Path,
+                   help="a preprocessed sample (.npz from `ctvq index`) or a raw CT scan (file or DICOM "
+                        "folder), which is preprocessed with the checkpoint's window, resolution and band")
+    p.add_argument("-o", "--output", type=Path, required=True, help="tokens .npz")
+    p.add_argument("--case-id", help="case id of a raw scan (default: its file name)")
+
+
+def _input_sample(path: Path, settings: DataSettings, case_id: str | None) -> SparseSample:
+    if path.is_file() and path.suffix.lower() == ".npz":
+        sample = load_sample(path)
+        settings.check_sample(sample.window, sample.window_width, sample.window_level, sample.resolution,
+                              sample.band, str(path))
+        return sample
+    window = Window(settings.window, settings.window_width, settings.window_level)
+    volume = window_scan(path, window, settings.resolution, case_id)
+    return build_sample(volume, band=settings.band, iso_value=settings.iso_value)
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    loaded = load_model(args.ckpt, args.device)
+    settings = load_settings(args.ckpt, args.config)
+    check_model_settings(loaded, settings)
+    sample = _input_sample(args.input, settings, args.case_id)
+    tokens = encode_sample(loaded, sample)
+    save_tokens(tokens, args.output)
+    print(f"ctvq encode: {sample.case_id}: {tokens.num_tokens} tokens (codebook {tokens.num_embeddings}) "
+          f"-> {args.output}", file=sys.stderr)
+    return 0
+
+
+def add_decode_arguments(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("tokens", type=Path, help="tokens .npz from `ctvq encode`")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="reconstructed surface (.ply, patient mm)")
+    p.add_argument("--sdf-out", type=Path,
+                   help="also write the decoded sparse SDF (.npz: coords, sdf, affine)")
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    loaded = load_model(args.ckpt, args.device)
+    tokens = load_tokens(args.tokens)
+    coords, sdf = decode_tokens(loaded, tokens, what=str(args.tokens))
+    mesh = sparse_surface(coords, sdf, tokens.affine)
+    write_ply(mesh, args.output)
+    if args.sdf_out is not None:
+        save_npz_atomic(args.sdf_out, {
+            "kind": np.asarray(_SDF_KIND), "format_version": np.asarray(1),
+            "coords": coords.astype(np.int16), "sdf": sdf.astype(np.float32),
+            "affine": np.asarray(tokens.affine, dtype=np.float64),
+            "resolution": np.asarray(tokens.resolution),
+            "band": np.asarray(tokens.band), "case_id": np.asarray(tokens.case_id),
+        }, level=6)
+    print(f"ctvq decode: {tokens.case_id}: {coords.shape[0]} voxels, {mesh.num_faces} triangles -> "
+          f"{args.output}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ctvq.eval.command")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, add in (("eval", add_eval_arguments), ("encode", add_encode_arguments),
+                      ("decode", add_decode_arguments)):
+        add(sub.add_parser(name))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run = {"eval": run_eval, "encode": run_encode, "decode": run_decode}[args.command]
+    try:
+        return run(args)
+    except EXPECTED_ERRORS as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"ctvq {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""``ctvq eval`` orchestration: encode -> tokens -> decode every case, compare with its input, write results.
+
+Per case the input field is the decoder's supervision over the case's latent cells (band SDF, truncated sign
+elsewhere) and the reconstruction is the decoded field of the same cells, decoded from the code indices
+(the token path, honouring ``chunk_size``). Outputs:
+- ``metrics.json``: flat numbers (means over cases; codebook usage/perplexity over all tokens) for
+  ``dvc metrics show``; ``cases.csv`` beside it: one row per case.
+- ``figures/<case>.png`` (slices with both surfaces), ``meshes/<case>_{input,recon}.ply`` (patient mm),
+  ``training_curves.{png,csv}`` when a training log is given or found in the checkpoint's run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ctvq.ct.volume_file import load_windowed
+from ctvq.data.datasets import DatasetError, read_manifest
+from ctvq.data.sample import SparseSample, decoder_targets, load_sample
+from ctvq.eval.figures import save_case_figure, training_curves
+from ctvq.eval.loading import DataSettings, EvalInputError, LoadedModel, run_config_path
+from ctvq.eval.metrics import (
+    DEFAULT_POINTS,
+    code_histogram,
+    codebook_stats,
+    occupancy_iou,
+    sdf_mae,
+    surface_distances,
+    voxel_edge_mm,
+)
+from ctvq.eval.surfaces import DenseBox, Mesh, bounding_box, box_surface, dense_box, write_ply
+from ctvq.eval.tokens import cell_voxels, decode_tokens, encode_sample
+
+TRAIN_LOG_NAME = "metrics.csv"
+
+
+@dataclass
+class CaseEvaluation:
+    metrics: dict[str, Any]
+    counts: np.ndarray  # code histogram of this case
+    input_box: DenseBox
+    recon_box: DenseBox
+    input_mesh: Mesh
+    recon_mesh: Mesh
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def compare_fields(sample: SparseSample, rec_coords: np.ndarray, rec_values: np.ndarray
+                   ) -> tuple[DenseBox, DenseBox, dict[str, float]]:
+    """Input and reconstruction on one box; band SDF error and occupancy IoU (see ``metrics``)."""
+    in_coords = cell_voxels(sample.latent_coords)
+    in_values = decoder_targets(sample).reshape(-1)
+    lo, shape = bounding_box(in_coords, rec_coords)
+    input_box = dense_box(in_coords, in_values, lo, shape)
+    recon_box = dense_box(rec_coords, rec_values, lo, shape)
+    band_pred, band_known = recon_box.lookup(sample.coords)
+    if not band_known.all():
+        raise RuntimeError(f"{sample.case_id}: {np.count_nonzero(~band_known)} band voxels were not decoded; "
+                           "the decoder must emit every voxel of the encoded latent cells")
+    mae_vox = sdf_mae(band_pred, sample.sdf, sample.band)
+    region = input_box.known & recon_box.known
+    iou = occupancy_iou(recon_box.values[region] < 0, input_box.values[region] < 0)
+    return input_box, recon_box, {
+        "sdf_mae_vox": mae_vox,
+        "sdf_mae_mm": mae_vox * voxel_edge_mm(sample.affine),
+        "occupancy_iou": iou,
+    }
+
+
+def evaluate_case(loaded: LoadedModel, sample: SparseSample, *, points: int = DEFAULT_POINTS,
+                  seed: int = 0) -> CaseEvaluation:
+    """All metrics of one case; ``seconds`` holds the time of each part (encode, decode, fields, ...)."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = now - clock
+        clock = now
+
+    tokens = encode_sample(loaded, sample)
+    lap("encode")
+    rec_coords, rec_values = decode_tokens(loaded, tokens, what=sample.case_id)
+    lap("decode")
+    input_box, recon_box, field_metrics = compare_fields(sample, rec_coords, rec_values)
+    lap("field_metrics")
+    input_mesh = box_surface(input_box, sample.affine)
+    recon_mesh = box_surface(recon_box, sample.affine)
+    lap("marching_cubes")
+    surface = surface_distances(recon_mesh.vertices, recon_mesh.faces, input_mesh.vertices, input_mesh.faces,
+                                points=points, seed=seed)
+    lap("surface_distances")
+    counts = code_histogram(tokens.indices, tokens.num_embeddings)
+    metrics: dict[str, Any] = {
+        "case_id": sample.case_id,
+        "num_points": sample.num_points,
+        "tokens": tokens.num_tokens,
+        "decoded_voxels": int(rec_coords.shape[0]),
+        **field_metrics,
+        **surface,
+        **codebook_stats(counts),
+        "input_faces": input_mesh.num_faces,
+        "recon_faces": recon_mesh.num_faces,
+    }
+    return CaseEvaluation(metrics, counts, input_box, recon_box, input_mesh, recon_mesh, seconds)
+
+
+def sample_paths(data: str | os.PathLike) -> list[Path]:
+    """A manifest CSV (its 'ok' rows), a folder of sample ``.npz`` files, or one sample file."""
+    data = Path(data)
+    if data.is_dir():
+        paths = sorted(data.glob("*.npz"))
+        if not paths:
+            raise EvalInputError(f"{data}: folder holds no sample .npz files")
+        return paths
+    if data.suffix.lower() == ".csv":
+        try:
+            records = read_manifest(data)
+        except DatasetError as exc:
+            raise EvalInputError(str(exc)) from exc
+        paths = [r.path for r in records if r.status == "ok"]
+        if not paths:
+            raise EvalInputError(f"{data}: no case with status 'ok' in the manifest")
+        return paths
+    if data.is_file():
+        return [data]
+    raise EvalInputError(f"{data}: no such manifest, folder or sample file")
+
+
+def aggregate(cases: Sequence[dict[str, Any]], counts: np.ndarray) -> dict[str, float | int | None]:
+    """Means over cases of every per-case number; codebook usage/perplexity over all tokens together.
+
+    A metric a case lacks (no reconstructed surface: no distances) is averaged over the cases that have it;
+    ``cases_without_recon_surface`` says how many lacked one; a metric no case has is None (JSON null).
+    """
+    skip = {"case_id", "codebook_usage", "perplexity"}
+    out: dict[str, float | int | None] = {"num_cases": len(cases)}
+    for key in cases[0]:
+        if key in skip:
+            continue
+        values = [c[key] for c in cases if c[key] is not None]
+        out[key if key != "tokens" else "tokens_per_case"] = float(np.mean(values)) if values else None
+    out["cases_without_recon_surface"] = sum(1 for c in cases if c["recon_faces"] == 0)
+    out.update(codebook_stats(counts))
+    out["case_codebook_usage"] = float(np.mean([c["codebook_usage"] for c in cases]))
+    out["case_perplexity"] = float(np.mean([c["perplexity"] for c in cases]))
+    return out
+
+
+def windowed_path_for(sample_path: Path, windowed_dir: Path | None) -> Path:
+    """A sample's windowed volume: ``windowed_dir/<name>``, or the demo layout's ``../windowed/<name>``."""
+    folder = windowed_dir if windowed_dir is not None else sample_path.parent.parent / "windowed"
+    return folder / sample_path.name
+
+
+def _json_number(value: float | int | None) -> float | int | None:
+    """JSON has no NaN/inf: an undefined number is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def run_evaluation(loaded: LoadedModel, settings: DataSettings, data: str | os.PathLike,
+                   metrics_json: str | os.PathLike, output_dir: str | os.PathLike, *,
+                   points: int = DEFAULT_POINTS, seed: int = 0, meshes: bool = True, figures: bool = True,
+                   windowed_dir: str | os.PathLike | None = None, train_log: str | os.PathLike | None = None,
+                   quiet: bool = False) -> dict[str, Any]:
+    """Evaluate every case of ``data``; write metrics.json, cases.csv, figures, meshes and curves."""
+    output_dir = Path(output_dir)
+    paths = sample_paths(data)
+    samples = []
+    for path in paths:
+        sample = load_sample(path)
+        settings.check_sample(sample.window, sample.window_width, sample.window_level, sample.resolution,
+                              sample.band, str(path))
+        samples.append((path, sample))
+    cases: list[dict[str, Any]] = []
+    total = np.zeros(loaded.num_embeddings, dtype=np.int64)
+    for number, (path, sample) in enumerate(samples, start=1):
+        result = evaluate_case(loaded, sample, points=points, seed=seed)
+        cases.append(result.metrics)
+        total += result.counts
+        case = sample.case_id
+        if meshes:
+            write_ply(result.input_mesh, output_dir / "meshes" / f"{case}_input.ply")
+            write_ply(result.recon_mesh, output_dir / "meshes" / f"{case}_recon.ply")
+        if figures:
+            windowed = windowed_path_for(path, Path(windowed_dir) if windowed_dir is not None else None)
+            background = load_windowed(windowed).values if windowed.is_file() else None
+            centre = np.round(sample.coords.mean(axis=0)).astype(int)
+            summary = {k: result.metrics[k] for k in ("sdf_mae_mm", "chamfer_l1_mm", "fscore_1mm",
+                                                        "occupancy_iou")}
+            save_case_figure(output_dir / "figures" / f"{case}.png", case, result.input_box, result.recon_box,
+                             centre, sample.resolution, background, summary)
+        if not quiet:
+            m = result.metrics
+            chamfer = "n/a" if m["chamfer_l1_mm"] is None else f"{m['chamfer_l1_mm']:.3f} mm"
+            print(f"ctvq eval: [{number}/{len(samples)}] {case}: sdf MAE {m['sdf_mae_mm']:.3f} mm, "
+                  f"IoU {m['occupancy_iou']:.3f}, Chamfer-L1 {chamfer}, {m['tokens']} tokens "
+                  f"({sum(result.seconds.values()):.1f} s)", file=sys.stderr, flush=True)
+    summary_metrics = {k: _json_number(v) for k, v in aggregate(cases, total).items()}
+    metrics_json = Path(metrics_json)
+    metrics_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = metrics_json.with_name(f".{metrics_json.name}.tmp")
+    tmp.write_text(json.dumps(summary_metrics, indent=2) + "\n")
+    os.replace(tmp, metrics_json)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(cases).to_csv(output_dir / "cases.csv", index=False)
+    log = Path(train_log) if train_log is not None else run_config_path(loaded.path).parent / TRAIN_LOG_NAME
+    if train_log is not None or log.is_file():
+        training_curves(log, output_dir / "training_curves.png", output_dir / "training_curves.csv")
+    return summary_metrics
+
+
+__all__ = ["CaseEvaluation", "aggregate", "compare_fields", "evaluate_case", "run_evaluation", "sample_paths",
+           "windowed_path_for"]

@@ -1,0 +1,163 @@
+"""Token files: a CT case as latent coordinates + codebook indices, and the model calls that make/read them.
+
+``tokens.npz`` (format version 1) holds ``latent_coords`` (M, 3) int16 on the ``resolution / 8`` grid,
+``indices`` (M,) int32 into a codebook of ``num_embeddings`` entries, the voxel -> patient mm ``affine`` of
+the ``resolution``³ grid, the window (name, width, level), ``iso_value``, ``band``, ``case_id``, ``source``.
+Decoding needs the same codebook: a file made with another codebook size is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctvq.ct.volume_file import save_npz_atomic
+from ctvq.data.collate import collate_sparse
+from ctvq.data.datasets import sample_to_item
+from ctvq.data.sample import LATENT_STRIDE, SparseSample
+from ctvq.eval.loading import EvalInputError, LoadedModel
+
+TOKEN_FORMAT_VERSION = 1
+_KIND = "ctvq-tokens"
+_KEYS = ("latent_coords", "indices", "num_embeddings", "resolution", "affine", "window", "window_width",
+         "window_level", "iso_value", "band", "case_id", "source")
+
+
+@dataclass(frozen=True)
+class Tokens:
+    latent_coords: np.ndarray  # (M, 3) int16
+    indices: np.ndarray  # (M,) int32
+    num_embeddings: int
+    resolution: int
+    affine: np.ndarray
+    window: str
+    window_width: float
+    window_level: float
+    iso_value: float
+    band: float
+    case_id: str
+    source: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def save_tokens(tokens: Tokens, path: str | os.PathLike) -> None:
+    save_npz_atomic(path, {
+        "kind": np.asarray(_KIND),
+        "format_version": np.asarray(TOKEN_FORMAT_VERSION),
+        "latent_coords": tokens.latent_coords.astype(np.int16),
+        "indices": tokens.indices.astype(np.int32),
+        "num_embeddings": np.asarray(tokens.num_embeddings),
+        "resolution": np.asarray(tokens.resolution),
+        "affine": np.asarray(tokens.affine, dtype=np.float64),
+        "window": np.asarray(tokens.window),
+        "window_width": np.asarray(tokens.window_width),
+        "window_level": np.asarray(tokens.window_level),
+        "iso_value": np.asarray(tokens.iso_value),
+        "band": np.asarray(tokens.band),
+        "case_id": np.asarray(tokens.case_id),
+        "source": np.asarray(tokens.source),
+    }, level=6)
+
+
+def load_tokens(path: str | os.PathLike) -> Tokens:
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"{path}: token file does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            kind = str(data["kind"]) if "kind" in data else None
+            if kind != _KIND:
+                raise EvalInputError(f"{path}: not a token file (kind {kind!r}); make one with `ctvq encode`")
+            version = int(data["format_version"])
+            if version != TOKEN_FORMAT_VERSION:
+                raise EvalInputError(f"{path}: token format version {version}, this ctvq reads "
+                                     f"{TOKEN_FORMAT_VERSION}; re-run `ctvq encode`")
+            missing = [k for k in _KEYS if k not in data]
+            if missing:
+                raise EvalInputError(f"{path}: token file lacks {', '.join(missing)}")
+            d = {k: data[k] for k in _KEYS}
+    except EvalInputError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise EvalInputError(f"{path}: not a readable token file ({exc})") from exc
+    tokens = Tokens(
+        latent_coords=d["latent_coords"].astype(np.int16), indices=d["indices"].astype(np.int32),
+        num_embeddings=int(d["num_embeddings"]), resolution=int(d["resolution"]), affine=d["affine"],
+        window=str(d["window"]), window_width=float(d["window_width"]), window_level=float(d["window_level"]),
+        iso_value=float(d["iso_value"]), band=float(d["band"]), case_id=str(d["case_id"]),
+        source=str(d["source"]),
+    )
+    m = tokens.indices.shape[0]
+    if tokens.latent_coords.shape != (m, 3) or tokens.affine.shape != (4, 4):
+        raise EvalInputError(f"{path}: latent_coords {tokens.latent_coords.shape}, indices ({m},), affine "
+                             f"{tokens.affine.shape} do not fit together")
+    if m and (tokens.indices.min() < 0 or tokens.indices.max() >= tokens.num_embeddings):
+        raise EvalInputError(f"{path}: code indices outside [0, {tokens.num_embeddings})")
+    return tokens
+
+
+def sample_batch(sample: SparseSample, device: torch.device | str = "cpu") -> dict:
+    """A one-case model batch of a whole (uncropped) sample."""
+    batch = collate_sparse([sample_to_item(sample, num_points_full=sample.num_points)])
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def encode_sample(loaded: LoadedModel, sample: SparseSample) -> Tokens:
+    """Tokens of one case: the encoder's latent voxels and their nearest codes."""
+    model = loaded.model
+    if sample.resolution != loaded.data_resolution:
+        raise EvalInputError(f"{sample.case_id}: sample resolution {sample.resolution} but {loaded.path} "
+                             f"encodes {loaded.data_resolution}^3")
+    device = next(model.parameters()).device
+    latent, indices = model.encode(sample_batch(sample, device))
+    return Tokens(
+        latent_coords=latent.coords[:, 1:].cpu().numpy().astype(np.int16),
+        indices=indices.cpu().numpy().astype(np.int32),
+        num_embeddings=loaded.num_embeddings, resolution=sample.resolution, affine=sample.affine,
+        window=sample.window, window_width=sample.window_width, window_level=sample.window_level,
+        iso_value=sample.iso_value, band=sample.band, case_id=sample.case_id, source=sample.source,
+    )
+
+
+@torch.no_grad()
+def decode_tokens(loaded: LoadedModel, tokens: Tokens, what: str = "tokens") -> tuple[np.ndarray, np.ndarray]:
+    """Decoded voxels (N, 3) int64 on the full grid and their normalised SDF (N,) float32.
+
+    Decoding goes through the codebook lookup (never the encoder's float latents), so encode -> file ->
+    decode gives exactly what the model reconstructs. In eval mode the decoder honours ``chunk_size``.
+    """
+    if tokens.num_embeddings != loaded.num_embeddings:
+        raise EvalInputError(f"{what}: made with a codebook of {tokens.num_embeddings} codes but "
+                             f"{loaded.path} has {loaded.num_embeddings}; decode with the checkpoint that "
+                             "encoded them")
+    if tokens.resolution != loaded.data_resolution:
+        raise EvalInputError(f"{what}: resolution {tokens.resolution} but {loaded.path} decodes "
+                             f"{loaded.data_resolution}^3")
+    model = loaded.model
+    device = next(model.parameters()).device
+    m = tokens.num_tokens
+    coords = torch.zeros((m, 4), dtype=torch.int32, device=device)
+    coords[:, 1:] = torch.from_numpy(tokens.latent_coords.astype(np.int32)).to(device)
+    latent = model.latent_from_indices(coords, torch.from_numpy(tokens.indices.astype(np.int64)).to(device),
+                                       batch_size=1)
+    out = model.decode(latent)
+    return out.coords[:, 1:].cpu().numpy().astype(np.int64), out.feats[:, 0].float().cpu().numpy()
+
+
+def cell_voxels(latent_coords: np.ndarray) -> np.ndarray:
+    """Every full-resolution voxel (M * 512, 3) of the given latent cells."""
+    local = np.stack(np.meshgrid(*[np.arange(LATENT_STRIDE)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    base = np.asarray(latent_coords, dtype=np.int64) * LATENT_STRIDE
+    return (base[:, None, :] + local[None]).reshape(-1, 3)
+
+
+__all__ = ["TOKEN_FORMAT_VERSION", "Tokens", "cell_voxels", "decode_tokens", "encode_sample", "load_tokens",
+           "sample_batch", "save_tokens"]

@@ -1,0 +1,111 @@
+"""``ctvq train``: the command line of the trainer (also ``python -m ctvq.train.command``).
+
+Multi-process: ``torchrun --nproc_per_node N -m ctvq.train.command --config ... --data ... --output-dir ...``
+(NCCL on GPUs, gloo on CPU). The config is loaded and validated before anything else happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ctvq.config import ConfigError, CTVQConfig, config_from_dict, load_config
+from ctvq.data import DatasetError, SampleFormatError
+from ctvq.models import PretrainedWeightsError
+from ctvq.train.checkpoint import CheckpointError
+from ctvq.train.distributed import ReplicaMismatchError, setup, teardown
+from ctvq.train.trainer import RunOptions, Trainer
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, CheckpointError, DatasetError, SampleFormatError, PretrainedWeightsError,
+    ReplicaMismatchError,
+)
+"""Failures caused by the user's files or settings (reported without a traceback)."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True,
+                        help="training config JSON (configs/vqvae/*.json)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="samples: a manifest CSV (`ctvq manifest`) or a folder of sample .npz files")
+    parser.add_argument("--output-dir", type=Path, required=True,
+                        help="run folder: config.json, command.txt, log.txt, metrics.csv, tensorboard/, "
+                             "samples/, ckpts/ (final model: ckpts/final.pt)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: continue from the latest complete checkpoint in --output-dir (default); "
+                             "never: start fresh (refused if the folder holds checkpoints); "
+                             "or a checkpoint file")
+    parser.add_argument("--window", default=None,
+                        help="override dataset.args.window_type (one config trains any window; the workflow "
+                             "passes its window wildcard)")
+    parser.add_argument("--pretrained-vae-path", default=None,
+                        help="override trainer.args.pretrained_vae_path (stage 2: stage 1's ckpts/final.pt)")
+    parser.add_argument("--max-steps", type=_positive, default=None,
+                        help="override trainer.args.max_steps (recorded in the run's config.json)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="torch CPU threads (torch.set_num_threads)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch.use_deterministic_algorithms(True): bit-reproducible CPU runs "
+                             "(with --threads)")
+    parser.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
+
+
+def _with_overrides(args: argparse.Namespace) -> CTVQConfig:
+    """The config with command-line overrides applied, validated again as a whole (cross-field rules too)."""
+    cfg = load_config(args.config)
+    if args.window is None and args.pretrained_vae_path is None:
+        return cfg
+    data = cfg.to_dict()
+    if args.window is not None:
+        data["dataset"]["args"]["window_type"] = args.window
+    if args.pretrained_vae_path is not None:
+        data["trainer"]["args"]["pretrained_vae_path"] = args.pretrained_vae_path
+    return config_from_dict(data, origin=f"{args.config} (with command-line overrides)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = _with_overrides(args)
+    if args.max_steps is not None:
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=args.max_steps))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    info = setup(args.device)
+    try:
+        options = RunOptions(output_dir=args.output_dir, data=args.data, resume=args.resume,
+                             tensorboard=not args.no_tensorboard, argv=tuple(sys.argv))
+        Trainer(cfg, options, info).run()
+    finally:
+        teardown()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ctvq train",
+                                     description="Train the sparse SDF VQ-VAE (stage 1 or 2).")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except EXPECTED_ERRORS as exc:
+        print(f"ctvq train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Tokens and the eval/encode/decode commands against a real (tiny, untrained) VQ-VAE checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import sample_from_distance, spheres_distance
+
+from ctvq.data.sample import load_sample, save_sample
+from ctvq.eval.command import main
+from ctvq.eval.loading import EvalInputError, load_model
+from ctvq.eval.tokens import decode_tokens, encode_sample, load_tokens, sample_batch, save_tokens
+from ctvq.models.vqvae import SparseSDFVQVAE
+from ctvq.train.checkpoint import atomic_torch_save, model_payload
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqvae" / "tiny_stage2.json"
+MODEL_ARGS = dict(resolution=8, model_channels=32, latent_channels=4, num_blocks=1, num_embeddings=16,
+                  num_head_channels=16, window_size=2, sparse_backend="torch")
+
+
+def _tiny_model() -> SparseSDFVQVAE:
+    torch.manual_seed(0)
+    model = SparseSDFVQVAE(**MODEL_ARGS)
+    # Direct3D-S2 zero-initialises the output layers; random ones give a non-trivial reconstruction.
+    for layer in (model.encoder.out_layer, model.decoder.out_layer):
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder as `ctvq train` leaves it: config.json (lung, 64^3) and ckpts/final.pt."""
+    run = tmp_path_factory.mktemp("run")
+    config = json.loads(CONFIG.read_text())
+    config["models"]["vqvae"]["args"].update(MODEL_ARGS)
+    (run / "config.json").write_text(json.dumps(config))
+    model = _tiny_model()
+    atomic_torch_save(model_payload(model.state_dict(), model.config, 2, 7), run / "ckpts" / "final.pt")
+    return run
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("samples")
+    affine = np.diag([0.6, 0.6, 0.6, 1.0])
+    for i, radius in enumerate((9.0, 11.0)):
+        dist = spheres_distance(64, [(30.5 + i, 32.2, 31.7, radius)])
+        sample = sample_from_distance(dist, case_id=f"sphere{i}", affine=affine)
+        save_sample(sample, folder / f"sphere{i}.npz")
+    bone = sample_from_distance(spheres_distance(64, [(32, 32, 32, 9.0)]), case_id="bone", window="bone")
+    save_sample(bone, folder.parent / "bone.npz")
+    return folder
+
+
+@pytest.mark.slow
+def test_encode_file_decode_equals_the_models_own_reconstruction(run_dir, samples, tmp_path):
+    loaded = load_model(run_dir / "ckpts" / "final.pt")
+    sample = load_sample(samples / "sphere0.npz")
+    save_tokens(encode_sample(loaded, sample), tmp_path / "t.npz")
+    tokens = load_tokens(tmp_path / "t.npz")
+    coords, sdf = decode_tokens(loaded, tokens)
+    with torch.no_grad():
+        latent, indices = loaded.model.encode(sample_batch(sample))
+        direct = loaded.model.decode(loaded.model.latent_from_indices(latent.coords, indices, batch_size=1))
+    np.testing.assert_array_equal(tokens.indices, indices.numpy())
+    np.testing.assert_array_equal(coords, direct.coords[:, 1:].numpy())
+    np.testing.assert_array_equal(sdf, direct.feats[:, 0].numpy())
+    assert tokens.num_tokens == sample.num_latent and coords.shape[0] == 512 * sample.num_latent
+    assert np.abs(sdf).max() > 0  # a real decode, not the zero-initialised output layer
+
+
+@pytest.mark.slow
+def test_cli_encode_then_decode_writes_tokens_ply_and_sdf(run_dir, samples, tmp_path):
+    ckpt = str(run_dir / "ckpts" / "final.pt")
+    assert main(["encode", "--ckpt", ckpt, str(samples / "sphere1.npz"), "-o", str(tmp_path / "t.npz")]) == 0
+    assert main(["decode", "--ckpt", ckpt, str(tmp_path / "t.npz"), "-o", str(tmp_path / "r.ply"),
+                 "--sdf-out", str(tmp_path / "r.npz")]) == 0
+    tokens = load_tokens(tmp_path / "t.npz")
+    assert tokens.num_embeddings == 16 and tokens.window == "lung"
+    np.testing.assert_allclose(tokens.affine, np.diag([0.6, 0.6, 0.6, 1.0]))
+    with np.load(tmp_path / "r.npz") as data:
+        assert data["coords"].shape[0] == 512 * tokens.num_tokens
+    assert (tmp_path / "r.ply").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_eval_writes_flat_metrics_cases_figures_meshes_and_curves(run_dir, samples, tmp_path):
+    log = run_dir / "metrics.csv"
+    log.write_text("step,loss,perplexity,recon_loss,usage\n10,0.9,3.0,0.8,0.2\n20,0.5,5.0,0.4,0.3\n")
+    out = tmp_path / "eval"
+    rc = main(["eval", "--ckpt", str(run_dir / "ckpts" / "final.pt"), "--data", str(samples),
+               "-o", str(out / "metrics.json"), "--points", "2000"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_cases"] == 2 and metrics["tokens_per_case"] > 0
+    for key in ("sdf_mae_mm", "sdf_mae_vox", "occupancy_iou", "chamfer_l1_mm", "chamfer_l2_mm2",
+                "fscore_0.5mm", "fscore_1mm", "codebook_usage", "perplexity"):
+        assert key in metrics
+    assert all(not isinstance(v, dict | list) for v in metrics.values())
+    assert 0 < metrics["codebook_usage"] <= 1
+    assert metrics["sdf_mae_mm"] == pytest.approx(metrics["sdf_mae_vox"] * 0.6)
+    assert (out / "cases.csv").read_text().count("sphere") == 2
+    for name in ("figures/sphere0.png", "figures/sphere1.png", "meshes/sphere0_input.ply",
+                 "meshes/sphere1_recon.ply", "training_curves.png"):
+        assert (out / name).stat().st_size > 0
+    curves = (out / "training_curves.csv").read_text().splitlines()
+    assert curves[0] == "step,loss,recon_loss,usage,perplexity" and len(curves) == 3
+
+
+def test_sample_of_another_window_is_refused_with_exit_2(run_dir, samples, tmp_path, capsys):
+    rc = main(["encode", "--ckpt", str(run_dir / "ckpts" / "final.pt"), str(samples.parent / "bone.npz"),
+               "-o", str(tmp_path / "t.npz")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "window 'bone'" in err and "'lung'" in err and len(err.splitlines()) == 1
+
+
+def test_tokens_of_another_codebook_size_are_refused(run_dir, samples, tmp_path, capsys):
+    ckpt = str(run_dir / "ckpts" / "final.pt")
+    assert main(["encode", "--ckpt", ckpt, str(samples / "sphere0.npz"), "-o", str(tmp_path / "t.npz")]) == 0
+    tokens = load_tokens(tmp_path / "t.npz")
+    save_tokens(type(tokens)(**{**tokens.__dict__, "num_embeddings": 32}), tmp_path / "other.npz")
+    rc = main(["decode", "--ckpt", ckpt, str(tmp_path / "other.npz"), "-o", str(tmp_path / "r.ply")])
+    assert rc == 2
+    assert "codebook of 32 codes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["direct3d", "random", "misc", "garbage"])
+def test_checkpoints_of_the_wrong_kind_are_refused(tmp_path, kind):
+    model = _tiny_model()
+    path = tmp_path / "weights.pt"
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("quantizer.")}
+    if kind == "direct3d":
+        torch.save({"vae": state, "config": {"name": "SparseSDFVAE", "params": {}}}, path)
+        expected = "no codebook"
+    elif kind == "random":
+        torch.save({"weight": torch.zeros(3)}, path)
+        expected = "raw state dict"
+    elif kind == "misc":
+        torch.save({"optimizer": {}, "scheduler": {}, "rng": {}}, path)
+        expected = "training-state file"
+    else:
+        path.write_bytes(b"not a checkpoint")
+        expected = "not a readable checkpoint"
+    with pytest.raises(EvalInputError, match=expected):
+        load_model(path)
+
+
+def test_missing_run_config_asks_for_config(samples, tmp_path, capsys):
+    model = _tiny_model()
+    ckpt = tmp_path / "lonely.pt"
+    atomic_torch_save(model_payload(model.state_dict(), model.config, 2, 1), ckpt)
+    rc = main(["encode", "--ckpt", str(ckpt), str(samples / "sphere0.npz"), "-o", str(tmp_path / "t.npz")])
+    assert rc == 2 and "--config" in capsys.readouterr().err

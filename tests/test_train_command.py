@@ -1,0 +1,84 @@
+"""``ctvq train`` end to end: bad inputs fail before any work, naming the key; the run folder; loss drops."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from train_helpers import config_dict, write_config, write_data, write_stage1_checkpoint
+
+from ctvq.train.command import main
+from ctvq.train.progress import METRICS_NAME
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"), cases=4)
+
+
+def _args(config, data, out, *extra):
+    return ["--config", str(config), "--data", str(data), "--output-dir", str(out), "--no-tensorboard",
+            *extra]
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"trainer.args.bogus_knob": 1}, "trainer.args.bogus_knob"),
+    ({"trainer.args.training_stage": 2}, "trainer.args.pretrained_vae_path"),
+    ({"trainer.args.batch_size_per_gpu": 3, "trainer.args.batch_split": 2}, "trainer.args.batch_split"),
+    ({"trainer.args.fp16_mode": "fp8"}, "trainer.args.fp16_mode"),
+    ({"trainer.args.optimizer": {"name": "Adagrad", "args": {}}}, "trainer.args.optimizer.name"),
+])
+def test_bad_config_fails_before_any_work_naming_the_key(tmp_path, data, capsys, change, key):
+    cfg = config_dict()
+    for dotted, value in change.items():
+        section, _, leaf = dotted.rpartition(".")
+        node = cfg
+        for part in section.split("."):
+            node = node[part]
+        node[leaf] = value
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    assert main(_args(path, data, out)) == 2
+    assert key in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_stage1_checkpoint_fails_naming_the_key(tmp_path, data, capsys):
+    missing = str(tmp_path / "nope.pt")
+    config = write_config(tmp_path / "c.json", training_stage=2, pretrained_vae_path=missing)
+    assert main(_args(config, data, tmp_path / "run")) == 2
+    assert "trainer.args.pretrained_vae_path" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_stage2_run_writes_its_folder_and_reduces_the_loss(tmp_path, data, capsys):
+    ckpt = tmp_path / "s1.pt"
+    write_stage1_checkpoint(ckpt)
+    config = write_config(tmp_path / "c.json", training_stage=2, pretrained_vae_path=str(ckpt), max_steps=12,
+                          batch_size_per_gpu=2, batch_split=1, i_print=3, i_log=2, i_sample=6, i_save=6,
+                          ema_rate=[0.9],
+                          optimizer={"name": "AdamW", "args": {"lr": 1e-2}},
+                          lr_scheduler={"name": "ExponentialLR", "args": {"gamma": 0.99}})
+    out = tmp_path / "run"
+    assert main(_args(config, data, out, "--threads", "2")) == 0
+    console = capsys.readouterr().out
+    assert "step 12/12" in console and "steps/s" in console and "ETA" in console and "done:" in console
+    for name in ("config.json", "command.txt", "log.txt", METRICS_NAME, "samples/step0000006.png",
+                 "ckpts/final.pt", "ckpts/vqvae_step0000006.pt", "ckpts/vqvae_ema0.9_step0000012.pt",
+                 "ckpts/misc_step0000012.pt"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["trainer"]["args"]["max_steps"] == 12
+    rows = list(csv.DictReader((out / METRICS_NAME).open()))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    assert last < 0.85 * first, (first, last)  # each row averages 2 steps = all 4 cases
+    # the same folder again: already finished, nothing to train; another config is refused
+    assert main(_args(config, data, out)) == 0
+    other = write_config(tmp_path / "o.json", training_stage=2, pretrained_vae_path=str(ckpt), max_steps=12,
+                         batch_size_per_gpu=1, lambda_vq=0.5)
+    assert main(_args(other, data, out)) == 2
+    assert "trainer.args.lambda_vq" in capsys.readouterr().err
+    assert main(_args(config, data, out, "--resume", "never")) == 2

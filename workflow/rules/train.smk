@@ -1,0 +1,56 @@
+# Training, per window in train.windows: stage 1 (codebook) -> stage 2 (joint), stage 2 starts from stage 1's
+# final checkpoint. A rule given more than one GPU runs torchrun with one process per GPU.
+
+
+MAX_STEPS = f" --max-steps {TRAIN['max_steps']}" if TRAIN.get("max_steps") else ""
+
+
+def _train_launcher(wildcards, resources):
+    """`python -m ctvq train` for 0-1 GPUs, torchrun with one process per GPU beyond that."""
+    if resources.gpu > 1:
+        return f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node {resources.gpu} -m ctvq"
+    return CTVQ
+
+
+rule train_stage1:
+    input:
+        manifest=f"{RESULTS}/manifests/{{window}}.csv",
+        config=TRAIN["stage1_config"],
+    output:
+        f"{RESULTS}/train/{{window}}/stage1/ckpts/final.pt",
+    log:
+        "logs/train/{window}/stage1.log",
+    params:
+        run_dir=lambda wc: f"{RESULTS}/train/{wc.window}/stage1",
+        launcher=_train_launcher,
+    threads: TRAIN["threads"]
+    resources:
+        gpu=TRAIN["gpus"],
+        mem_mb=TRAIN["mem_mb"],
+        runtime=TRAIN["runtime_minutes"],
+    shell:
+        "{params.launcher} train --config {input.config} --data {input.manifest} --output-dir {params.run_dir}"
+        " --window {wildcards.window} --threads {threads}{MAX_STEPS} > {log} 2>&1"
+
+
+rule train_stage2:
+    input:
+        manifest=f"{RESULTS}/manifests/{{window}}.csv",
+        config=TRAIN["stage2_config"],
+        stage1=rules.train_stage1.output,
+    output:
+        f"{RESULTS}/train/{{window}}/stage2/ckpts/final.pt",
+    log:
+        "logs/train/{window}/stage2.log",
+    params:
+        run_dir=lambda wc: f"{RESULTS}/train/{wc.window}/stage2",
+        launcher=_train_launcher,
+    threads: TRAIN["threads"]
+    resources:
+        gpu=TRAIN["gpus"],
+        mem_mb=TRAIN["mem_mb"],
+        runtime=TRAIN["runtime_minutes"],
+    shell:
+        "{params.launcher} train --config {input.config} --data {input.manifest} --output-dir {params.run_dir}"
+        " --window {wildcards.window} --pretrained-vae-path {input.stage1} --threads {threads}{MAX_STEPS}"
+        " > {log} 2>&1"
