@@ -30,18 +30,22 @@ def _digests(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _all_skipped(output: str) -> bool:
+    return all(f"Stage '{s}' didn't change, skipping" in output for s in ("preprocess", "train", "evaluate"))
+
+
 @pytest.fixture()
 def repo(tmp_path: Path) -> Path:
     repo = tmp_path / "project"
     repo.mkdir()
-    for rel in ("workflow", "ctvq/ct"):
+    for rel in ("workflow", "ctvq", "configs/vqvae"):
         shutil.copytree(ROOT / rel, repo / rel, ignore=shutil.ignore_patterns("__pycache__"))
-    for rel in ("dvc.yaml", ".dvcignore", "ctvq/data/sample.py"):
+    for rel in ("dvc.yaml", ".dvcignore"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, repo / rel)
     config = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
     config.update(inputs={"phantoms": 2}, windows=["lung"], resolution=64)
-    (repo / "configs").mkdir()
+    config["train"].update(max_steps=2, threads=1)
     (repo / "configs" / "pipeline.yaml").write_text(yaml.safe_dump(config))
     _run(repo, "git", "init", "-q")
     _run(repo, "dvc", "init", "-q")
@@ -53,19 +57,28 @@ def repo(tmp_path: Path) -> Path:
 def test_repro_noop_push_pull_round_trip_and_param_rerun(repo: Path, tmp_path: Path) -> None:
     _run(repo, "dvc", "repro")
     assert (repo / "results" / "manifests" / "lung.csv").exists()
-    assert "Stage 'preprocess' didn't change, skipping" in _run(repo, "dvc", "repro")
+    assert (repo / "results" / "train" / "lung" / "stage2" / "ckpts" / "final.pt").exists()
+    assert "num_cases" in _run(repo, "dvc", "metrics", "show")
+    again = _run(repo, "dvc", "repro")
+    assert _all_skipped(again)
 
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "run")  # dvc.lock and the git-tracked metrics/plots (cache: false)
     _run(repo, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
     _run(repo, "dvc", "push")
     before = _digests(repo / "results")
-    for out in ("raw", "windowed", "sdf", "samples", "manifests"):
+    for out in ("raw", "windowed", "sdf", "samples", "manifests", "train", "eval"):
         shutil.rmtree(repo / "results" / out)
     shutil.rmtree(repo / ".dvc" / "cache")
+    _run(repo, "git", "checkout", "--", "results")  # what a fresh clone has: the git-tracked files
     _run(repo, "dvc", "pull")
     assert _digests(repo / "results") == before
-    assert "didn't change, skipping" in _run(repo, "dvc", "repro")
+    after_pull = _run(repo, "dvc", "repro")
+    assert _all_skipped(after_pull)
 
     config = yaml.safe_load((repo / "configs" / "pipeline.yaml").read_text())
-    config["band"] = 2.0
+    config["train"]["max_steps"] = 3
     (repo / "configs" / "pipeline.yaml").write_text(yaml.safe_dump(config))
-    assert "Running stage 'preprocess'" in _run(repo, "dvc", "repro")
+    rerun = _run(repo, "dvc", "repro")
+    assert "Stage 'preprocess' didn't change, skipping" in rerun
+    assert "Running stage 'train'" in rerun and "Running stage 'evaluate'" in rerun

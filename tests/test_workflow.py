@@ -140,3 +140,15 @@ def test_slurm_profile_runs_every_job_under_slurm_with_outputs_equal_to_a_local_
     b = load_sample(cluster / "results" / "samples" / "lung" / "phantom00.npz")
     for name in ("coords", "sdf", "latent_coords", "cell_start", "inside_bits", "affine"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_training_rule_given_several_gpus_launches_torchrun_with_one_process_each(tmp_path: Path) -> None:
+    _write_config(tmp_path)
+    gpus = ("--set-resources", "train_stage1:gpu=4")
+    run = _snakemake(tmp_path, "-n", "-p", "--cores", "1", *gpus, "--", "train")
+    said = run.stdout + run.stderr
+    assert run.returncode == 0, said
+    stage1 = next(line for line in said.splitlines() if "train --config" in line and "tiny_stage1" in line)
+    stage2 = next(line for line in said.splitlines() if "train --config" in line and "tiny_stage2" in line)
+    assert "torch.distributed.run --standalone --nproc_per_node 4 -m ctvq train" in stage1
+    assert "torch.distributed.run" not in stage2
