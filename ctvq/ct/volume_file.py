@@ -54,29 +54,33 @@ def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray], leve
 
 
 def load_npz(
-    path: str | os.PathLike, kind: str, version: int, keys: tuple[str, ...]
+    path: str | os.PathLike, kind: str, version: int, keys: tuple[str, ...], *,
+    error: type[ValueError] = CTInputError, remedy: str = "re-run the step that wrote it",
 ) -> dict[str, np.ndarray]:
-    """Read an ``.npz`` of ``kind``/``version`` with ``keys``; any problem is a CTInputError naming it."""
+    """Read an ``.npz`` of ``kind``/``version`` with ``keys``; any problem raises ``error`` naming the file.
+
+    Shared by every versioned ctvq file (windowed volumes, bands, tokens); ``remedy`` says how to remake one.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CTInputError(f"{path}: no such file")
+        raise error(f"{path}: no such file")
     try:
         with np.load(path, allow_pickle=False) as data:
             found_kind = str(data["kind"]) if "kind" in data else None
             if found_kind != kind:
-                raise CTInputError(f"{path}: not a {kind} file (kind {found_kind!r})")
+                raise error(f"{path}: not a {kind} file (kind {found_kind!r}); {remedy}")
             found_version = int(data["format_version"])
             if found_version != version:
-                raise CTInputError(f"{path}: {kind} format version {found_version}, this ctvq reads "
-                                   f"{version}; re-run the step that wrote it")
+                raise error(f"{path}: {kind} format version {found_version}, this ctvq reads {version}; "
+                            f"{remedy}")
             missing = [k for k in keys if k not in data]
             if missing:
-                raise CTInputError(f"{path}: {kind} file lacks {', '.join(missing)}")
+                raise error(f"{path}: {kind} file lacks {', '.join(missing)}; {remedy}")
             return {k: data[k] for k in keys}
-    except CTInputError:
+    except error:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-        raise CTInputError(f"{path}: not a readable {kind} file ({exc})") from exc
+        raise error(f"{path}: not a readable {kind} file ({exc})") from exc
 
 
 def save_windowed(volume: WindowedVolume, path: str | os.PathLike) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ctvq.ct.volume_file import save_npz_atomic
+from ctvq.ct.volume_file import load_npz, save_npz_atomic
 from ctvq.data.collate import collate_sparse
 from ctvq.data.datasets import sample_to_item
 from ctvq.data.sample import LATENT_STRIDE, SparseSample
@@ -67,26 +66,8 @@ def save_tokens(tokens: Tokens, path: str | os.PathLike) -> None:
 
 
 def load_tokens(path: str | os.PathLike) -> Tokens:
-    path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"{path}: token file does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            kind = str(data["kind"]) if "kind" in data else None
-            if kind != _KIND:
-                raise EvalInputError(f"{path}: not a token file (kind {kind!r}); make one with `ctvq encode`")
-            version = int(data["format_version"])
-            if version != TOKEN_FORMAT_VERSION:
-                raise EvalInputError(f"{path}: token format version {version}, this ctvq reads "
-                                     f"{TOKEN_FORMAT_VERSION}; re-run `ctvq encode`")
-            missing = [k for k in _KEYS if k not in data]
-            if missing:
-                raise EvalInputError(f"{path}: token file lacks {', '.join(missing)}")
-            d = {k: data[k] for k in _KEYS}
-    except EvalInputError:
-        raise
-    except (OSError, ValueError, KeyError, EOFError) as exc:
-        raise EvalInputError(f"{path}: not a readable token file ({exc})") from exc
+    d = load_npz(path, _KIND, TOKEN_FORMAT_VERSION, _KEYS, error=EvalInputError,
+                 remedy="make it with `ctvq encode`")
     tokens = Tokens(
         latent_coords=d["latent_coords"].astype(np.int16), indices=d["indices"].astype(np.int32),
         num_embeddings=int(d["num_embeddings"]), resolution=int(d["resolution"]), affine=d["affine"],
