@@ -97,7 +97,8 @@ def curve_columns(table: pd.DataFrame) -> dict[str, list[str]]:
     """The logged columns per panel: every column naming a loss, the codebook usage, the perplexity."""
     out: dict[str, list[str]] = {}
     for title, word in CURVE_GROUPS:
-        cols = [c for c in table.columns if c != "step" and word in c.lower()]
+        # loss_scale is the fp16 scaler's state, not a loss
+        cols = [c for c in table.columns if c not in ("step", "loss_scale") and word in c.lower()]
         if cols:
             out[title] = cols
     return out

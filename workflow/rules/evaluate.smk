@@ -14,9 +14,10 @@ rule evaluate:
     params:
         out_dir=lambda wc: f"{RESULTS}/eval/{wc.window}",
         train_log=lambda wc: f"{RESULTS}/train/{wc.window}/stage2/metrics.csv",
+        windowed=lambda wc: f"{RESULTS}/windowed/{wc.window}",
     threads: TRAIN["threads"]
     resources:
         mem_mb=TRAIN["mem_mb"],
     shell:
         "{CTVQ} eval --ckpt {input.ckpt} --data {input.manifest} -o {output.metrics} --output-dir {params.out_dir}"
-        " --train-log {params.train_log} > {log} 2>&1"
+        " --train-log {params.train_log} --windowed-dir {params.windowed} > {log} 2>&1"
