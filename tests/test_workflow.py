@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +154,38 @@ def test_training_rule_given_several_gpus_launches_torchrun_with_one_process_eac
     stage2 = next(line for line in said.splitlines() if "train --config" in line and "tiny_stage2" in line)
     assert "torch.distributed.run --standalone --nproc_per_node 4 -m ctvq train" in stage1
     assert "torch.distributed.run" not in stage2
+
+
+@pytest.mark.slow
+def test_training_job_killed_mid_run_resumes_from_its_last_checkpoint_when_rerun(tmp_path: Path) -> None:
+    stage1 = json.loads((ROOT / "configs" / "vqvae" / "tiny_stage1.json").read_text())
+    stage1["trainer"]["args"].update(max_steps=150, i_save=5, i_sample=1000, i_print=5)
+    (tmp_path / "stage1.json").write_text(json.dumps(stage1))
+    config = _write_config(tmp_path, inputs={"phantoms": 1})
+    settings = yaml.safe_load(config.read_text())
+    settings["train"].update(stage1_config=str(tmp_path / "stage1.json"), max_steps=None)
+    config.write_text(yaml.safe_dump(settings))
+    target = "results/train/lung/stage1/ckpts/final.pt"
+    cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "workflow" / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(config), "--cores", "1", target]
+    ckpts = tmp_path / "results" / "train" / "lung" / "stage1" / "ckpts"
+    job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(ckpts.glob("misc_step*.pt")) and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        assert list(ckpts.glob("misc_step*.pt")), "no checkpoint was written before the deadline"
+        # What a scheduler does to a job past its limit: SIGKILL to the training job, Snakemake lives on.
+        subprocess.run(["pkill", "-9", "-f", str(tmp_path / "stage1.json")], check=True)
+        assert job.wait(timeout=120) != 0
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert not (ckpts / "final.pt").exists()
+    rerun = _snakemake(tmp_path, "--cores", "1", "--rerun-incomplete", target)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    log = (tmp_path / "logs" / "train" / "lung" / "stage1.log").read_text()
+    resumed = re.search(r"resumed from step (\d+)", log)
+    assert resumed and int(resumed.group(1)) >= 5, log[-2000:]
+    assert (ckpts / "final.pt").exists()
