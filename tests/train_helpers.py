@@ -23,6 +23,8 @@ BASE: dict[str, Any] = {
     "models": {"vqvae": {"name": "SparseSDFVQVAE", "args": {
         "resolution": 8, "model_channels": 32, "latent_channels": 4, "num_blocks": 1, "num_embeddings": 16,
         "num_head_channels": 16, "attn_mode": "full", "sparse_backend": "torch",
+        # the gradient-trained codebook: these tests pin down what the optimizer does to it
+        "codebook_init": "random", "codebook_update": "loss", "dead_code_threshold": 0.0,
     }}},
     "dataset": {"name": "CTWindowSparseSDF", "args": {
         "resolution": 64, "window_type": "lung", "min_points": 100, "max_points": 3000, "cache_data": True,
