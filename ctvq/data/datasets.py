@@ -31,7 +31,13 @@ from torch.utils.data import Dataset
 
 from ctvq.ct.windows import CUSTOM, WINDOWS
 from ctvq.data.crop import crop_to_budget
-from ctvq.data.sample import FORMAT_VERSION, SampleFormatError, SparseSample, decoder_targets, load_sample
+from ctvq.data.sample import (
+    SampleFormatError,
+    SparseSample,
+    check_format_version,
+    decoder_targets,
+    load_sample,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,12 +131,7 @@ def peek_sample(path: Path) -> CaseRecord:
     """Header-only look at a sample file (scalars and the coords shape), without decompressing the arrays."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            version = int(data["format_version"]) if "format_version" in data else None
-            if version != FORMAT_VERSION:
-                raise SampleFormatError(
-                    f"{path}: sample format version {version}, this ctvq reads version {FORMAT_VERSION}; "
-                    "re-run `ctvq index` on the case"
-                )
+            check_format_version(data, path)
             case_id, window, resolution, width, level = (
                 data[k].item() for k in ("case_id", "window", "resolution", "window_width", "window_level")
             )

@@ -127,18 +127,23 @@ def save_sample(sample: SparseSample, path: str | os.PathLike) -> None:
         raise
 
 
+def check_format_version(data: np.lib.npyio.NpzFile, path: Path) -> None:
+    """Refuse a sample written by another format version (one rule for full loads and header peeks)."""
+    version = int(data["format_version"]) if "format_version" in data else None
+    if version != FORMAT_VERSION:
+        raise SampleFormatError(
+            f"{path}: sample format version {version}, this ctvq reads version {FORMAT_VERSION}; "
+            "re-run `ctvq index` on the case"
+        )
+
+
 def load_sample(path: str | os.PathLike) -> SparseSample:
     path = Path(path)
     if not path.is_file():
         raise SampleFormatError(f"{path}: sample file does not exist")
     try:
         with np.load(path, allow_pickle=False) as data:
-            version = int(data["format_version"]) if "format_version" in data else None
-            if version != FORMAT_VERSION:
-                raise SampleFormatError(
-                    f"{path}: sample format version {version}, this ctvq reads version {FORMAT_VERSION}; "
-                    "re-run `ctvq index` on the case"
-                )
+            check_format_version(data, path)
             missing = [k for k in (*_ARRAYS, *_SCALARS) if k not in data]
             if missing:
                 raise SampleFormatError(f"{path}: sample lacks {', '.join(missing)}")
