@@ -11,6 +11,10 @@ the allocation before the step. Writes JSON.
 
     .venv/bin/python bench/model.py [--points 5000 20000 80000 160000] [--decode-radius 2]
         [--model-channels 512] [--num-blocks 4] [--device cpu] [--threads 2] [--out bench/results/model.json]
+        [--compare-backends torch spconv]
+
+Side by side with spconv on CPU: an interpreter with the CPU ``spconv`` wheel and ctvq on PYTHONPATH,
+``--threads 1 --compare-backends torch spconv`` (forward only there: the wheel's backward needs CUDA).
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     model = _model(args, args.child_chunk, device)
-    if args.child_task == "train_step":
+    if args.child_task in ("train_step", "forward"):
         batch = shell_batch(args.child_points, device)
         points, latent_voxels = int(batch["coords"].shape[0]), int(batch["latent_coords"].shape[0])
     else:
@@ -116,7 +120,18 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     else:
         base = _rss_bytes()
     times = []
-    if args.child_task == "train_step":
+    if args.child_task == "forward":  # no backward: the only mode the CPU spconv wheel can run
+        model.train()
+        for _ in range(args.repeats + 1):
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model(batch, loss_type="l1")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        times = times[1:]
+        decoded = out["num_decoded"]
+    elif args.child_task == "train_step":
         model.train()
         for _ in range(args.repeats + 1):  # the first step warms up (allocator, thread pools) untimed
             model.zero_grad(set_to_none=True)
@@ -141,6 +156,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         peak = _peak_rss_bytes() - base
     return {
         "task": args.child_task,
+        "backend": args.backend,
         "points": points,
         "latent_voxels": latent_voxels,
         "decoded_voxels": int(decoded),
@@ -152,11 +168,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_child(args: argparse.Namespace, task: str, points: int, chunk: int) -> dict[str, Any]:
+def run_child(args: argparse.Namespace, task: str, points: int, chunk: int, backend: str | None = None
+              ) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child-task", task, "--child-points", str(points), "--child-chunk",
            str(chunk), "--child-radius", str(args.decode_radius), "--device", args.device, "--threads",
            str(args.threads), "--model-channels", str(args.model_channels), "--num-blocks",
-           str(args.num_blocks), "--backend", args.backend, "--repeats", str(args.repeats)]
+           str(args.num_blocks), "--backend", backend or args.backend, "--repeats", str(args.repeats)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark child {task} points={points} chunk={chunk} failed:\n{done.stderr}")
@@ -172,7 +189,11 @@ def main() -> None:
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--model-channels", type=int, default=512)
     parser.add_argument("--num-blocks", type=int, default=4)
-    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--backend", default="torch", help="backend of the train-step and decode runs")
+    parser.add_argument("--compare-backends", nargs="*", default=[], metavar="BACKEND",
+                        help="also time these backends (e.g. torch spconv): forward+backward on CUDA, "
+                             "forward only on CPU, where the spconv wheel's backward needs CUDA; run with "
+                             "--threads 1 on CPU, the wheel's scatter being racy with more threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed train steps after one warm-up step")
@@ -187,6 +208,9 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     train = [run_child(args, "train_step", n, 1) for n in args.points]
+    compare_task = "train_step" if args.device.startswith("cuda") else "forward"
+    compare = [run_child(args, compare_task, n, 1, backend) for backend in args.compare_backends
+               for n in args.points]
     decode = [run_child(args, "eval_decode", 0, c) for c in args.chunk_sizes]
     report = {
         "benchmark": "SparseSDFVQVAE forward+backward and chunked decode",
@@ -201,6 +225,7 @@ def main() -> None:
         "memory_note": "CPU: peak RSS above the RSS before the step; CUDA: max allocated above the base",
         "decode_layout": f"4x4x4 lattice of latent shells, radius {args.decode_radius} cells, random codes",
         "train_step": train,
+        "backend_comparison": compare,
         "eval_decode_by_chunk_size": decode,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
 """Benchmark: 3x3x3 submanifold sparse conv, forward + backward seconds vs voxel count (CPU by default).
 
 Voxels form spherical shells (surface-like, as a narrow-band SDF is), one per sample, batch size 1. The torch
-backend is always timed (torch threads: --threads, default 1); the spconv backend is timed forward-only and
-single-threaded when spconv imports (its CPU backward needs CUDA and its CPU scatter is racy with more
-threads, FACTS.md), together with its largest difference from the torch backend. Writes JSON.
+backend is always timed (torch threads: --threads, default 1); on CPU the spconv backend is timed forward-only
+and single-threaded when spconv imports (its CPU backward needs CUDA and its CPU scatter is racy with more
+threads, FACTS.md), on CUDA forward and forward+backward, together with its largest difference from the torch
+backend. On CUDA both torch-backend paths (implicit GEMM, pair lists) are also timed forced. Writes JSON.
 
     .venv/bin/python bench/sparse_conv.py [--voxels 5000 20000 80000] [--channels 32 64 128] [--threads 1]
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ctvq.sparse import SparseBackend, SparseConv3d, SparseTensor, spconv_available
-from ctvq.sparse.backends.torch_backend import neighbor_map
+from ctvq.sparse.backends.torch_backend import _SubmanifoldConv, neighbor_map, use_pair_lists
 
 
 def shell_voxels(target: int, device: torch.device) -> torch.Tensor:
@@ -86,7 +87,26 @@ def bench_one(n_target: int, channels: int, repeats: int, device: torch.device) 
         "torch_forward_s": time_call(fwd, repeats, device),
         "torch_forward_backward_s": time_call(fwd_bwd, repeats, device),
     }
-    if spconv_available():
+    if device.type == "cuda":  # both torch-backend paths, forced, to check `use_pair_lists` on the GPU
+        row["torch_picks_pair_lists"] = use_pair_lists(nmap, channels, channels)
+        kernel, bias = conv.conv.kernel, conv.conv.bias
+        for name, pairs in (("implicit_gemm", False), ("pair_lists", True)):
+
+            def forced(pairs: bool = pairs) -> None:
+                f = feats.clone().requires_grad_(True)
+                _SubmanifoldConv.apply(f, kernel, bias, nmap, pairs).square().mean().backward()
+
+            row[f"torch_{name}_forward_backward_s"] = time_call(forced, repeats, device)
+    if spconv_available() and device.type == "cuda":
+        conv.backend = SparseBackend.SPCONV
+        try:
+            row["spconv_forward_s"] = time_call(fwd, repeats, device)
+            row["spconv_forward_backward_s"] = time_call(fwd_bwd, repeats, device)
+            with torch.no_grad():
+                row["spconv_max_abs_diff"] = float((conv(x).feats - ref).abs().max())
+        finally:
+            conv.backend = SparseBackend.TORCH
+    elif spconv_available():
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the CPU wheel's scatter is racy with more threads (FACTS.md)
         try:
