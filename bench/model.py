@@ -105,6 +105,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     model = _model(args, args.child_chunk, device)
+    if args.precision == "fp16":
+        model.convert_to_fp16()
+    autocast = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                              enabled=args.precision == "amp")
     if args.child_task in ("train_step", "forward"):
         batch = shell_batch(args.child_points, device)
         points, latent_voxels = int(batch["coords"].shape[0]), int(batch["latent_coords"].shape[0])
@@ -129,7 +133,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         model.train()
         for _ in range(args.repeats + 1):
             start = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 out = model(batch, loss_type="l1")
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -141,7 +145,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.repeats + 1):  # the first step warms up (allocator, thread pools) untimed
             model.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            out = model(batch, loss_type="l1")
+            with autocast:
+                out = model(batch, loss_type="l1")
             (out["recon_loss"] + out["codebook_loss"] + 0.25 * out["commitment_loss"]).backward()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -178,7 +183,8 @@ def run_child(args: argparse.Namespace, task: str, points: int, chunk: int, back
     cmd = [sys.executable, __file__, "--child-task", task, "--child-points", str(points), "--child-chunk",
            str(chunk), "--child-radius", str(args.decode_radius), "--device", args.device, "--threads",
            str(args.threads), "--model-channels", str(args.model_channels), "--num-blocks",
-           str(args.num_blocks), "--backend", backend or args.backend, "--repeats", str(args.repeats)]
+           str(args.num_blocks), "--backend", backend or args.backend, "--repeats", str(args.repeats),
+           "--precision", args.precision]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark child {task} points={points} chunk={chunk} failed:\n{done.stderr}")
@@ -200,6 +206,9 @@ def main() -> None:
                              "forward only on CPU, where the spconv wheel's backward needs CUDA; run with "
                              "--threads 1 on CPU, the wheel's scatter being racy with more threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "amp", "fp16"), default="fp32",
+                        help="amp: autocast (float16 on CUDA, bfloat16 on CPU); fp16: the model's use_fp16 "
+                             "weights (norms stay float32)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed train steps after one warm-up step")
     parser.add_argument("--timeout", type=int, default=1800)
@@ -223,6 +232,7 @@ def main() -> None:
                   "latent_channels": 16, "num_embeddings": 8192, "attn_mode": "swin", "window_size": 8,
                   "sparse_backend": args.backend},
         "device": args.device,
+        "precision": args.precision,
         "torch_threads": args.threads,
         "torch": torch.__version__,
         "machine": platform.platform(),
