@@ -41,7 +41,7 @@ def dense_oracle(
 @pytest.fixture
 def tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(torch_backend.CHUNK_BYTES, "cpu", 125 * 3 * 8 * 5)  # 5 to 23 rows per chunk
-    monkeypatch.setattr(torch_backend, "COMPACT_BLOCK_ROWS", 13)
+    monkeypatch.setattr(torch_backend, "PAIR_BLOCK_BYTES", 8 * 8 * 4 * 16)  # 4 to 16 rows per pair block
 
 
 @pytest.mark.usefixtures("tiny_chunks")
@@ -57,7 +57,7 @@ def test_each_path_matches_dense_conv3d_forward_and_backward_across_chunks(
     kernel = torch.randn(volume, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
     nmap = build_neighbor_map(coords, kernel_size)
-    assert nmap.num_voxels > 4 * torch_backend.COMPACT_BLOCK_ROWS
+    assert nmap.num_voxels > 4 * torch_backend._pair_block_rows(nmap, 4, feats)
 
     out = _SubmanifoldConv.apply(feats, kernel, bias, nmap, pairs)
     upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
@@ -115,3 +115,69 @@ def test_pair_lists_are_chosen_only_for_wide_channels_on_a_sparse_table() -> Non
     assert use_pair_lists(sparse_map, 64, 64)
     assert not use_pair_lists(dense_map, 64, 64)
     assert use_pair_lists(dense_map, 1024, 1024)
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["implicit_gemm", "pair_lists"])
+def test_each_path_matches_dense_conv3d_with_the_default_chunk_and_block_sizes(pairs: bool) -> None:
+    coords = random_voxels((9, 8, 7), batch=2, density=0.5, seed=11)
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(coords.shape[0], 5, generator=g, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(27, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    nmap = build_neighbor_map(coords, 3)
+    out = _SubmanifoldConv.apply(feats, kernel, bias, nmap, pairs)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * upstream).sum(), (feats, kernel, bias))
+    ref = dense_oracle(coords, feats, kernel, bias)
+    grads_ref = torch.autograd.grad((ref * upstream).sum(), (feats, kernel, bias))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 4096])
+def test_pair_blocks_cover_every_off_centre_pair_once_and_sum_it_into_its_output_row(rows: int) -> None:
+    coords = random_voxels((6, 6, 6), batch=1, density=0.45, seed=rows)
+    nmap = build_neighbor_map(coords, 3)
+    products = torch.randn(nmap.num_pairs(), 2, dtype=torch.float64)  # one row per pair, any order
+    got = torch.zeros(nmap.num_voxels, 2, dtype=torch.float64)
+    want = torch.zeros_like(got)
+    used = 0
+    for block in nmap.pair_blocks(rows):
+        assert block.stop - block.start <= rows
+        outs = torch.cat([o for _, o, _ in block.segments]).long()
+        assert bool(((outs >= block.start) & (outs < block.stop)).all())
+        rows_products = products[used : used + outs.numel()]
+        got[block.start : block.stop] += block.sum_matrix(torch.float64) @ rows_products
+        want.index_add_(0, outs, rows_products)
+        used += outs.numel()
+    assert used == nmap.num_pairs() - nmap.num_voxels  # every pair but the centre ones
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_voxels_without_neighbours_convolve_through_the_centre_tap_only_on_both_paths() -> None:
+    coords = torch.tensor([[0, 0, 0, 0], [0, 2, 0, 0], [0, 0, 4, 4], [1, 0, 0, 0]], dtype=torch.int32)
+    nmap = build_neighbor_map(coords, 3)
+    assert nmap.pair_blocks(2) == ()
+    feats = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(27, 3, 2, dtype=torch.float64, requires_grad=True)
+    for pairs in (False, True):
+        out = _SubmanifoldConv.apply(feats, kernel, None, nmap, pairs)
+        torch.testing.assert_close(out, feats @ kernel[13])
+        grad_feats, grad_kernel = torch.autograd.grad(out.sum(), (feats, kernel))
+        torch.testing.assert_close(grad_feats, kernel[13].sum(1).expand(4, 3))
+        assert grad_kernel[13].abs().sum() > 0 and grad_kernel[:13].abs().sum() == 0
+
+
+def test_half_precision_on_cpu_takes_the_implicit_gemm_and_refuses_forced_pair_lists() -> None:
+    line = torch.tensor([[0, i, 0, 0] for i in range(50)], dtype=torch.int32)
+    nmap = build_neighbor_map(line, 3)
+    assert use_pair_lists(nmap, 256, 256)
+    assert not use_pair_lists(nmap, 256, 256, torch.bfloat16)
+    feats = torch.randn(50, 4, dtype=torch.bfloat16)
+    kernel = torch.randn(27, 4, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="pair-list path needs float32/float64"):
+        _SubmanifoldConv.apply(feats, kernel, None, nmap, True)
+    out = _SubmanifoldConv.apply(feats, kernel, None, nmap, None)
+    want = _SubmanifoldConv.apply(feats.float(), kernel.float(), None, nmap, True)
+    torch.testing.assert_close(out.float(), want, rtol=0.05, atol=0.05)
