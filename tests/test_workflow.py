@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from ctvq.ct.resources import preprocess_mem_mb
 from ctvq.data.sample import load_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,28 @@ def test_dry_run_lists_one_job_per_case_and_window(tmp_path: Path) -> None:
     counts = _job_counts(run.stdout + run.stderr)
     assert counts == {"phantom": 3, "window": 6, "sdf": 6, "index": 6, "manifest": 2,
                       "train_stage1": 1, "train_stage2": 1, "evaluate": 1, "all": 1}
+
+
+def test_preprocessing_jobs_request_memory_for_their_resolution(tmp_path: Path) -> None:
+    """At 1024 the window and sdf jobs need ~9 GiB: the rules size their SLURM/local memory requests by it."""
+    stage_configs = {}
+    for stage in (1, 2):
+        cfg = json.loads((ROOT / "configs" / "vqvae" / f"tiny_stage{stage}.json").read_text())
+        cfg["dataset"]["args"]["resolution"] = 1024
+        cfg["models"]["vqvae"]["args"]["resolution"] = 128
+        stage_configs[f"stage{stage}_config"] = str(tmp_path / f"stage{stage}.json")
+        Path(stage_configs[f"stage{stage}_config"]).write_text(json.dumps(cfg))
+    config = _write_config(tmp_path, resolution=1024, inputs={"phantoms": 1})
+    settings = yaml.safe_load(config.read_text())
+    settings["train"].update(stage_configs)
+    config.write_text(yaml.safe_dump(settings))
+    run = _snakemake(tmp_path, "-n", "--cores", "1", "--", "results/samples/lung/phantom00.npz")
+    said = run.stdout + run.stderr
+    assert run.returncode == 0, said
+    blocks = re.split(r"^rule ", said, flags=re.M)[1:]  # one per job: "name:\n    input: ...\n"
+    requested = {b.split(":", 1)[0]: m.group(1) for b in blocks if (m := re.search(r"mem_mb=(\d+)", b))}
+    assert requested == {step: str(preprocess_mem_mb(step, 1024)) for step in ("window", "sdf", "index")}
+    assert int(requested["sdf"]) >= 14000
 
 
 def test_bad_pipeline_config_is_refused_naming_the_key(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from ctvq.ct.resources import preprocess_mem_mb  # the preprocessing rules size their memory with it
+
 validate(config, schema="../schemas/pipeline.schema.yaml")
 
 # The interpreter running snakemake has ctvq installed: call the CLI through it, so no PATH set-up is needed

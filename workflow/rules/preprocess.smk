@@ -20,7 +20,7 @@ rule window:
     params:
         resolution=config["resolution"],
     resources:
-        mem_mb=4000,
+        mem_mb=preprocess_mem_mb("window", config["resolution"]),
     shell:
         "{CTVQ} window {input} -o {output} --window {wildcards.window} --resolution {params.resolution}"
         " --case-id {wildcards.case} > {log} 2>&1"
@@ -36,7 +36,7 @@ rule sdf:
     params:
         band=config["band"],
     resources:
-        mem_mb=4000,
+        mem_mb=preprocess_mem_mb("sdf", config["resolution"]),
     shell:
         "{CTVQ} sdf {input} -o {output} --band {params.band} > {log} 2>&1"
 
@@ -48,6 +48,8 @@ rule index:
         f"{RESULTS}/samples/{{window}}/{{case}}.npz",
     log:
         "logs/index/{window}/{case}.log",
+    resources:
+        mem_mb=preprocess_mem_mb("index", config["resolution"]),
     shell:
         "{CTVQ} index {input} -o {output} > {log} 2>&1"
 
