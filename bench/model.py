@@ -129,25 +129,16 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     else:
         base = _rss_bytes()
     times = []
-    if args.child_task == "forward":  # no backward: the only mode the CPU spconv wheel can run
-        model.train()
-        for _ in range(args.repeats + 1):
-            start = time.perf_counter()
-            with torch.no_grad(), autocast:
-                out = model(batch, loss_type="l1")
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        times = times[1:]
-        decoded = out["num_decoded"]
-    elif args.child_task == "train_step":
+    if args.child_task in ("train_step", "forward"):
+        backward = args.child_task == "train_step"  # forward only: all that the CPU spconv wheel can run
         model.train()
         for _ in range(args.repeats + 1):  # the first step warms up (allocator, thread pools) untimed
             model.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            with autocast:
+            with torch.set_grad_enabled(backward), autocast:
                 out = model(batch, loss_type="l1")
-            (out["recon_loss"] + out["codebook_loss"] + 0.25 * out["commitment_loss"]).backward()
+            if backward:
+                (out["recon_loss"] + out["codebook_loss"] + 0.25 * out["commitment_loss"]).backward()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
