@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ctvq.models.chunking import (
@@ -34,6 +33,7 @@ from ctvq.models.quantizer import QuantizerOutput, VectorQuantizer
 from ctvq.sparse import SparseTensor, resolve_backend, set_sparse_backend
 
 LOSS_TYPES = ("mse", "l1", "l1_l2")
+RECON_WEIGHTINGS = ("uniform", "balanced")
 
 
 def _linear_keys(coords: torch.Tensor, extent: list[int]) -> torch.Tensor:
@@ -76,15 +76,38 @@ def gather_targets(
     return targets.to(decoded_coords.device)[rows, local[:, 0], local[:, 1], local[:, 2]]
 
 
-def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """mse | l1 | l1_l2 (= 0.5 * L1 + 0.5 * MSE), means over voxels."""
-    if loss_type == "mse":
-        return F.mse_loss(pred, target)
-    if loss_type == "l1":
-        return F.l1_loss(pred, target)
-    if loss_type == "l1_l2":
-        return 0.5 * F.l1_loss(pred, target) + 0.5 * F.mse_loss(pred, target)
-    raise ValueError(f"loss_type={loss_type!r}; use one of {LOSS_TYPES}")
+def voxel_weights(target: torch.Tensor, weighting: str) -> torch.Tensor | None:
+    """Per-voxel loss weights summing to 1, or None for the plain mean (``uniform``).
+
+    ``balanced``: the inside voxels (target < 0) and the outside ones each carry half the loss, so a window
+    whose structures fill a few percent of the decoded cells (bone) cannot be fitted by "outside everywhere".
+    """
+    if weighting == "uniform":
+        return None
+    if weighting != "balanced":
+        raise ValueError(f"recon_weighting={weighting!r}; use one of {RECON_WEIGHTINGS}")
+    inside = target < 0
+    n_in = inside.sum()
+    n_out = target.numel() - n_in
+    if n_in == 0 or n_out == 0:
+        return None
+    w_in = 0.5 / n_in.float()
+    w_out = 0.5 / n_out.float()
+    return torch.where(inside, w_in, w_out)
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
+                        weighting: str = "uniform") -> torch.Tensor:
+    """mse | l1 | l1_l2 (= 0.5 * L1 + 0.5 * MSE), weighted means over voxels (see ``voxel_weights``)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}; use one of {LOSS_TYPES}")
+    diff = pred - target
+    per_voxel = {"mse": lambda: diff.square(), "l1": lambda: diff.abs(),
+                 "l1_l2": lambda: 0.5 * diff.abs() + 0.5 * diff.square()}[loss_type]()
+    weights = voxel_weights(target, weighting)
+    if weights is None:
+        return per_voxel.mean()
+    return (per_voxel * weights).sum()
 
 
 class SparseSDFVQVAE(nn.Module):
@@ -289,7 +312,8 @@ class SparseSDFVQVAE(nn.Module):
         )
 
     # -- training forward --------------------------------------------------------------------------------
-    def forward(self, batch: Mapping[str, Any], loss_type: str = "l1") -> dict[str, Any]:
+    def forward(self, batch: Mapping[str, Any], loss_type: str = "l1", recon_weighting: str = "uniform"
+                ) -> dict[str, Any]:
         """Encode, quantize, decode and compare with ``batch['targets']`` (matched by coordinates)."""
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={loss_type!r}; use one of {LOSS_TYPES}")
@@ -311,7 +335,7 @@ class SparseSDFVQVAE(nn.Module):
         return {
             "recon": recon,
             "target": target,
-            "recon_loss": reconstruction_loss(pred, target, loss_type),
+            "recon_loss": reconstruction_loss(pred, target, loss_type, recon_weighting),
             "codebook_loss": q.codebook_loss,
             "commitment_loss": q.commitment_loss,
             "indices": q.indices,
@@ -332,6 +356,7 @@ def model_defaults() -> dict[str, Any]:
 
 __all__ = [
     "LOSS_TYPES",
+    "RECON_WEIGHTINGS",
     "SparseSDFVQVAE",
     "coordinate_rows",
     "gather_targets",

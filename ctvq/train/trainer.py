@@ -236,7 +236,7 @@ class Trainer:
             grad = contextlib.nullcontext() if trains else torch.no_grad()
             with sync, grad:
                 with self.precision.autocast():
-                    out = self.net(mb, loss_type=t.loss_type)
+                    out = self.net(mb, loss_type=t.loss_type, recon_weighting=t.recon_weighting)
                 loss = (out["recon_loss"].float() + t.lambda_vq * out["codebook_loss"].float()
                         + t.lambda_commitment * out["commitment_loss"].float())
                 if trains:
