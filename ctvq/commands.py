@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ctvq.cli import Command, register_command
-from ctvq.config import ConfigError, load_config
+from ctvq.config import ConfigError, config_warnings, load_config
 from ctvq.models.pretrained import PretrainedWeightsError, inspect_weights
 
 
@@ -32,6 +32,8 @@ def _run_validate(args: argparse.Namespace) -> int:
             print(json.dumps(config.to_dict(), indent=2))
         else:
             print(f"{path}: ok (training_stage {config.stage})")
+        for warning in config_warnings(config):
+            print(f"{path}: warning: {warning}", flush=True)
     return 2 if failed else 0
 
 

@@ -103,3 +103,40 @@ def test_batch_split_accumulation_equals_one_full_batch(tmp_path, data):
         assert torch.allclose(split[name], full[name], rtol=1e-3, atol=1e-5 * max(scale, 1e-3)), name
         moved += scale > 0
     assert moved > 10  # the comparison covers real updates of encoder, decoder and codebook
+
+
+def test_stage1_autoencoder_mode_trains_encoder_and_decoder_then_fits_the_codebook(tmp_path, data):
+    cfg = load(training_stage=1, max_steps=3, i_save=3, stage1_mode="autoencoder",
+               model_args={"codebook_init": "random"})
+    trainer = Trainer(cfg, RunOptions(tmp_path, data, tensorboard=False))
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert CODEBOOK not in trainable and any(n.startswith("encoder.") for n in trainable)
+    assert any(n.startswith("decoder.") for n in trainable)
+    before = _params(trainer.model)
+    trainer.run()
+    final = load_file(final_path(tmp_path))["vae"]
+    assert not torch.equal(before["encoder.out_layer.weight"], final["encoder.out_layer.weight"])
+    # The codebook is re-fitted on the trained encoder's outputs: every code sits among real latents.
+    model = SparseSDFVQVAE(**cfg.model.to_dict()["args"])
+    model.load_state_dict(final)
+    model.eval()
+    batch = SparseCollate(1)([trainer.dataset[i] for i in range(len(trainer.dataset))])[0]
+    with torch.no_grad():
+        z = model.continuous_latent(batch).feats
+    codebook = final[CODEBOOK]
+    assert not torch.equal(codebook, before[CODEBOOK])
+    assert float(torch.cdist(codebook, z).min(dim=1).values.max()) < float(z.std()) * 3
+    assert float(final["quantizer.num_updates"]) == 0 and bool(final["quantizer.initialised"])
+    log = (tmp_path / "log.txt").read_text()
+    assert "codebook fitted by k-means" in log and "quantizer bypassed" in log
+
+
+def test_stage1_mode_is_refused_in_stage2_and_codebook_mode_without_weights_warns(tmp_path):
+    from ctvq.config import ConfigError, config_warnings
+
+    with pytest.raises(ConfigError, match="stage1_mode.*training_stage 1 only"):
+        load(training_stage=2, pretrained_vae_path="x.pt", stage1_mode="autoencoder")
+    warnings = config_warnings(load(training_stage=1, model_args={"codebook_update": "ema"}))
+    assert any("random frozen encoder" in w for w in warnings)
+    assert any("no trainable parameters" in w for w in warnings)
+    assert config_warnings(load(training_stage=1, stage1_mode="autoencoder")) == []

@@ -6,6 +6,7 @@ every problem with the file and the key path. ``CTVQConfig.to_dict()`` is the fu
 
 from ctvq.config.errors import ConfigError, Problem
 from ctvq.config.loader import ACCEPTED_KEYS, config_from_dict, load_config, resolve_path
+from ctvq.config.rules import config_warnings
 from ctvq.config.schema import (
     DATASET_NAMES,
     MODEL_NAMES,
@@ -40,6 +41,7 @@ __all__ = [
     "SchedulerConfig",
     "TrainerConfig",
     "config_from_dict",
+    "config_warnings",
     "load_config",
     "resolve_path",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ctvq.config.errors import Problems, show
-from ctvq.config.schema import LATENT_STRIDE, OptimizerConfig, SchedulerConfig
+from ctvq.config.schema import LATENT_STRIDE, CTVQConfig, OptimizerConfig, SchedulerConfig
 
 
 def cross_checks(model: dict | None, dataset: dict | None, trainer: dict | None, problems: Problems) -> None:
@@ -70,6 +70,12 @@ def _trainer_cross_checks(trainer: dict[str, Any], problems: Problems) -> None:
             "required for training_stage 2: the stage-1 checkpoint to start from "
             "(e.g. outputs/<stage-1 run>/ckpts/final.pt)",
         )
+    if trainer["training_stage"] == 2 and trainer["stage1_mode"] != "codebook":
+        problems.add(
+            "trainer.args.stage1_mode",
+            f"{show(trainer['stage1_mode'])} applies to training_stage 1 only; remove it from this stage-2 "
+            "config",
+        )
     opt: OptimizerConfig = trainer["optimizer"]
     if opt.nesterov and not opt.momentum:
         problems.add("trainer.args.optimizer.args.nesterov", "true needs momentum > 0")
@@ -79,3 +85,29 @@ def _trainer_cross_checks(trainer: dict[str, Any], problems: Problems) -> None:
             "trainer.args.lr_scheduler.args.eta_min",
             f"{show(sched.eta_min)} is above the learning rate {show(opt.lr)}: the schedule would raise it",
         )
+
+
+def config_warnings(config: CTVQConfig) -> list[str]:
+    """Valid but probably unintended settings, one sentence each (printed by validate-config and train).
+
+    Stage 1 in ``codebook`` mode freezes encoder and decoder: without Direct3D-S2 weights they are random,
+    and the zero-initialised encoder output maps every voxel to one latent, so one code lives.
+    ``autoencoder`` mode trains encoder and decoder with the quantizer bypassed, then fits the codebook by
+    k-means on their outputs.
+    """
+    t, m = config.trainer, config.model
+    if t.training_stage != 1 or t.stage1_mode != "codebook":
+        return []
+    out = []
+    if t.pretrained_vae_path is None:
+        out.append(
+            "trainer.args: stage 1 with stage1_mode \"codebook\" and no pretrained_vae_path trains a "
+            "codebook against a random frozen encoder (one code lives); set stage1_mode to \"autoencoder\" "
+            "or give Direct3D-S2 weights"
+        )
+    if m.codebook_update == "ema":
+        out.append(
+            "trainer.args: stage 1 with codebook_update \"ema\" has no trainable parameters: optimizer, lr "
+            "and lr_scheduler do nothing (the codebook follows EMA statistics)"
+        )
+    return out

@@ -214,6 +214,15 @@ class VectorQuantizer(nn.Module):
         self.initialised.fill_(True)
 
     @torch.no_grad()
+    def fit(self, z: torch.Tensor) -> None:
+        """Re-fit the codebook by k-means on encoder outputs ``z`` [N, dim] and forget the usage statistics
+        (used after an autoencoder warm-up: the codes then start where the latents are)."""
+        self._kmeans_init(z)
+        self.cluster_size.zero_()
+        self.embed_sum.zero_()
+        self.num_updates.zero_()
+
+    @torch.no_grad()
     def _update_statistics(self, z: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> int:
         """EMA statistics (both modes), the EMA codebook update and dead-code restarts."""
         sums = torch.zeros(self.num_embeddings, self.dim, device=z.device).index_add_(0, indices, z)

@@ -14,6 +14,7 @@ un-chunked decode. The transformer part always sees the whole latent set.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -210,16 +211,21 @@ class SparseSDFVQVAE(nn.Module):
             set_sparse_backend(self, resolve_backend("auto", device))
             self._backend_device = device
 
-    def freeze_for_stage(self, stage: int) -> None:
-        """Stage 1: encoder and decoder frozen, only the codebook trains. Stage 2: everything trains.
+    def freeze_for_stage(self, stage: int, stage1_mode: str = "codebook") -> None:
+        """Stage 1 ``codebook``: encoder and decoder frozen, only the codebook trains. Stage 1
+        ``autoencoder``: encoder and decoder train with the quantizer bypassed, the codebook is frozen (it is
+        fitted afterwards, see ``VectorQuantizer.fit``). Stage 2: everything trains.
 
         With ``codebook_update="ema"`` the codebook never takes gradients (EMA updates it in forward).
         """
         if stage not in (1, 2):
             raise ValueError(f"training_stage={stage}; use 1 (codebook only) or 2 (joint)")
+        if stage1_mode not in ("codebook", "autoencoder"):
+            raise ValueError(f"stage1_mode={stage1_mode!r}; use codebook or autoencoder")
+        autoencoder = stage == 1 and stage1_mode == "autoencoder"
         for part in (self.encoder, self.decoder):
-            part.requires_grad_(stage == 2)
-        self.quantizer.embedding.weight.requires_grad_(self.quantizer.trains_by_gradient)
+            part.requires_grad_(stage == 2 or autoencoder)
+        self.quantizer.embedding.weight.requires_grad_(self.quantizer.trains_by_gradient and not autoencoder)
 
     # -- encode / decode ---------------------------------------------------------------------------------
     def _input_tensor(self, batch: Mapping[str, Any] | SparseTensor) -> SparseTensor:
@@ -249,12 +255,21 @@ class SparseSDFVQVAE(nn.Module):
             x = x.replace(x.feats * self.sdf_input_scale)
         return x
 
-    def _quantize(self, batch: Mapping[str, Any] | SparseTensor) -> tuple[SparseTensor, QuantizerOutput]:
+    def continuous_latent(self, batch: Mapping[str, Any] | SparseTensor) -> SparseTensor:
+        """The encoder's output before quantization: [M, latent_channels] float32 at the latent resolution."""
         x = self._input_tensor(batch)
         self._select_backend(x.device)
         h = self.encoder(x)
-        z = h.feats[:, : self.latent_channels].float()
-        q = self.quantizer(z)
+        return h.replace(h.feats[:, : self.latent_channels].float())
+
+    def _quantize(self, batch: Mapping[str, Any] | SparseTensor, bypass: bool = False
+                  ) -> tuple[SparseTensor, QuantizerOutput]:
+        h = self.continuous_latent(batch)
+        if bypass:
+            zero, nan = h.feats.new_zeros(()), h.feats.new_full((), math.nan)
+            indices = torch.zeros(h.num_voxels, dtype=torch.long, device=h.device)
+            return h, QuantizerOutput(h.feats, indices, zero, zero, nan, nan, 0)
+        q = self.quantizer(h.feats)
         return h.replace(q.quantized), q
 
     def encode(self, batch: Mapping[str, Any] | SparseTensor) -> tuple[SparseTensor, torch.Tensor]:
@@ -312,15 +327,19 @@ class SparseSDFVQVAE(nn.Module):
         )
 
     # -- training forward --------------------------------------------------------------------------------
-    def forward(self, batch: Mapping[str, Any], loss_type: str = "l1", recon_weighting: str = "uniform"
-                ) -> dict[str, Any]:
-        """Encode, quantize, decode and compare with ``batch['targets']`` (matched by coordinates)."""
+    def forward(self, batch: Mapping[str, Any], loss_type: str = "l1", recon_weighting: str = "uniform",
+                bypass_quantizer: bool = False) -> dict[str, Any]:
+        """Encode, quantize, decode and compare with ``batch['targets']`` (matched by coordinates).
+
+        ``bypass_quantizer``: decode the continuous latent (autoencoder warm-up); the VQ losses are 0 and
+        the code statistics NaN.
+        """
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={loss_type!r}; use one of {LOSS_TYPES}")
         for key in ("latent_coords", "targets"):
             if key not in batch:
                 raise ValueError(f"batch lacks '{key}' (needed to supervise the decoder)")
-        latent, q = self._quantize(batch)
+        latent, q = self._quantize(batch, bypass=bypass_quantizer)
         latent_coords = batch["latent_coords"].to(latent.device)
         if latent_coords.shape[0] != latent.num_voxels:
             raise ValueError(

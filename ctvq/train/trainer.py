@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ctvq.config import CTVQConfig, resolve_path
+from ctvq.config import CTVQConfig, config_warnings, resolve_path
+from ctvq.data.collate import collate_sparse
 from ctvq.models import SparseSDFVQVAE
 from ctvq.train import checkpoint as ckpt
 from ctvq.train import distributed as dist_util
@@ -112,7 +113,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = SparseSDFVQVAE(**cfg.model.to_dict()["args"])
         self.init_report = ckpt.load_stage_input(model, pretrained, t.training_stage) if pretrained else None
-        model.freeze_for_stage(t.training_stage)
+        model.freeze_for_stage(t.training_stage, t.stage1_mode)
+        self.autoencoder = t.training_stage == 1 and t.stage1_mode == "autoencoder"
         if t.fp16_mode == "inflat_all" and not model.use_fp16:
             model.convert_to_fp16()
         self.model = model.to(self.device)
@@ -206,6 +208,20 @@ class Trainer:
         if self.info.is_main:
             ckpt.remove_stale_temp(point.ckpt_dir)
 
+    @torch.no_grad()
+    def fit_codebook(self) -> None:
+        """After the autoencoder warm-up: k-means codebook on the encoder outputs of every training case
+        (one pass, each case cropped as in training), so stage 2 starts with codes where the latents are."""
+        self.model.eval()
+        latents = []
+        for index in range(len(self.dataset)):
+            batch = _to_device(collate_sparse([self.dataset[index]]), self.device)
+            latents.append(self.model.continuous_latent(batch).feats.cpu())
+        z = torch.cat(latents)
+        self.model.quantizer.fit(z.to(self.device))
+        self.log.text(f"codebook fitted by k-means on {z.shape[0]} encoder outputs of {len(self.dataset)} "
+                      f"cases ({self.model.quantizer.num_embeddings} codes)")
+
     def write_final(self) -> Path:
         path = ckpt.final_path(self.out)
         if self.info.is_main:
@@ -236,7 +252,8 @@ class Trainer:
             grad = contextlib.nullcontext() if trains else torch.no_grad()
             with sync, grad:
                 with self.precision.autocast():
-                    out = self.net(mb, loss_type=t.loss_type, recon_weighting=t.recon_weighting)
+                    out = self.net(mb, loss_type=t.loss_type, recon_weighting=t.recon_weighting,
+                                   bypass_quantizer=self.autoencoder)
                 loss = (out["recon_loss"].float() + t.lambda_vq * out["codebook_loss"].float()
                         + t.lambda_commitment * out["commitment_loss"].float())
                 if trains:
@@ -278,6 +295,11 @@ class Trainer:
                      f"{self.init_report.codebook_loaded})")
         if self.optimizer is None:
             log.text("no trainable parameters (stage 1 with codebook_update=ema): the codebook learns by EMA")
+        for warning in config_warnings(self.cfg):
+            log.text(f"warning: {warning}")
+        if self.autoencoder:
+            log.text("stage1_mode autoencoder: encoder and decoder train with the quantizer bypassed; the "
+                     "codebook is fitted by k-means on the encoder outputs at the end")
         meter = RateMeter(start, self.total_steps)
         window: dict[str, list[float]] = {}
         first_loss = last_loss = math.nan
@@ -325,6 +347,8 @@ class Trainer:
                 dist_util.check_replicas(self.model, step)
             if step % t.i_save == 0 or step == self.total_steps:
                 self.save()
+        if self.autoencoder:
+            self.fit_codebook()
         final = self.write_final()
         seconds = time.perf_counter() - t0
         log.text(f"done: steps {start}->{self.step} in {format_duration(seconds)}, loss {first_loss:.5f} -> "
