@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ctvq.ct import manifest as ct_manifest
+from ctvq.ct.splits import ALL_TRAIN, SplitRule
 from ctvq.ct.windows import WINDOWS
 from ctvq.data.sample import LATENT_STRIDE, SparseSample, save_sample
 
@@ -114,8 +115,12 @@ def write_cases(
     return paths
 
 
-def write_manifest(path: Path, sample_paths: Sequence[Path], *, min_points: int = 100) -> Path:
-    """A manifest CSV for already written samples, made by the real `ctvq manifest` code."""
-    table = ct_manifest.manifest_table(sample_paths, path.parent, min_points=min_points)
+def write_manifest(path: Path, sample_paths: Sequence[Path], *, min_points: int = 100,
+                   split: SplitRule = ALL_TRAIN) -> Path:
+    """A manifest CSV for already written samples, made by the real `ctvq manifest` code.
+
+    Every case is train unless ``split`` says otherwise: these tests are about the data, not the hold-out.
+    """
+    table = ct_manifest.manifest_table(sample_paths, path.parent, min_points=min_points, split=split)
     ct_manifest.write_manifest(table, path)
     return path

@@ -55,7 +55,8 @@ def test_phantom_to_manifest_chain(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 0
     table = read_manifest(manifest)
     assert list(table.columns) == ["case_id", "source", "sample_path", "window", "resolution", "spacing",
-                                   "num_points", "num_latent", "bbox", "status"]
+                                   "num_points", "num_latent", "bbox", "status", "split"]
+    assert list(table["split"]) == ["train", "train"]  # one case only: no hold-out possible
     lung, bone = table.iloc[0], table.iloc[1]
     assert lung["status"] == "ok" and lung["sample_path"] == "lung_s.npz" and lung["source"] == str(scan)
     assert lung["spacing"] == "0.7,0.7,2" and lung["num_points"] == big

@@ -9,6 +9,7 @@ import pytest
 import torch
 from data_helpers import sphere_sample, write_cases, write_manifest
 
+from ctvq.ct.splits import SplitRule
 from ctvq.data.datasets import CTWindowSparseSDF, DatasetError, SparseSDF
 from ctvq.data.sample import SampleFormatError, save_sample
 
@@ -188,3 +189,36 @@ def test_bad_sources_and_arguments_are_errors(tmp_path: Path) -> None:
         SparseSDF(tmp_path / "m.csv", resolution=64, precompute_sparse=False)
     with pytest.raises(DatasetError, match="max_points must be an int >= 1"):
         SparseSDF(tmp_path, resolution=64, max_points=0)
+
+
+def test_only_the_train_split_of_a_manifest_is_read(tmp_path: Path) -> None:
+    """Val/test rows are dropped before any file is opened: deleting or corrupting them changes nothing."""
+    paths = write_cases(tmp_path, RADII)
+    split_file = tmp_path / "splits.csv"
+    split_file.write_text("case_id,split\ncase0,train\ncase1,val\ncase2,train\ncase3,test\n")
+    manifest = write_manifest(tmp_path / "m.csv", paths, min_points=1, split=SplitRule(file=split_file))
+    paths[1].unlink()
+    paths[3].write_bytes(b"not a sample")
+    ds = CTWindowSparseSDF(manifest, window_type="lung", resolution=64, min_points=1, cache_data=True)
+    assert [r.case_id for r in ds.records] == ["case0", "case2"]
+    assert ds.held_out == [("case1", "val"), ("case3", "test")]
+    assert [ds[i]["case_id"] for i in range(len(ds))] == ["case0", "case2"]
+
+
+def test_a_manifest_without_split_column_is_all_train(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "m.csv", write_cases(tmp_path, RADII), min_points=1)
+    table = pd.read_csv(manifest)
+    table.drop(columns="split").to_csv(manifest, index=False)  # as written before splits existed
+    ds = CTWindowSparseSDF(manifest, window_type="lung", resolution=64, min_points=1)
+    assert len(ds) == len(RADII) and ds.held_out == []
+
+
+def test_an_empty_train_split_or_an_unknown_split_is_an_error(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "m.csv", write_cases(tmp_path, RADII), min_points=1)
+    table = pd.read_csv(manifest)
+    table.assign(split="val").to_csv(manifest, index=False)
+    with pytest.raises(DatasetError, match=r"m\.csv: the train split is empty \(all 4 rows are val/test\)"):
+        CTWindowSparseSDF(manifest, window_type="lung", resolution=64, min_points=1)
+    table.assign(split=["train", "train", "holdout", "val"]).to_csv(manifest, index=False)
+    with pytest.raises(DatasetError, match=r"line 4 \(case2\.npz\): split 'holdout' is not one of train"):
+        CTWindowSparseSDF(manifest, window_type="lung", resolution=64, min_points=1)

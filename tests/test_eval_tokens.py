@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import sample_from_distance, spheres_distance
+from data_helpers import sample_from_distance, spheres_distance, write_manifest
 
+from ctvq.ct.splits import SplitRule
 from ctvq.data.sample import load_sample, save_sample
 from ctvq.eval.command import main
 from ctvq.eval.loading import EvalInputError, load_model
@@ -101,6 +102,7 @@ def test_eval_writes_flat_metrics_cases_figures_meshes_and_curves(run_dir, sampl
                 "fscore_0.5mm", "fscore_1mm", "codebook_usage", "perplexity"):
         assert key in metrics
     assert all(not isinstance(v, dict | list) for v in metrics.values())
+    assert metrics["eval_split"] == "train" and metrics["train/num_cases"] == 2  # a folder has no split
     assert 0 < metrics["codebook_usage"] <= 1
     assert metrics["sdf_mae_mm"] == pytest.approx(metrics["sdf_mae_vox"] * 0.6)
     assert (out / "cases.csv").read_text().count("sphere") == 2
@@ -156,3 +158,48 @@ def test_missing_run_config_asks_for_config(samples, tmp_path, capsys):
     atomic_torch_save(model_payload(model.state_dict(), model.config, 2, 1), ckpt)
     rc = main(["encode", "--ckpt", str(ckpt), str(samples / "sphere0.npz"), "-o", str(tmp_path / "t.npz")])
     assert rc == 2 and "--config" in capsys.readouterr().err
+
+
+def _eval(run_dir: Path, data: Path, out: Path, *extra: str) -> dict:
+    rc = main(["eval", "--ckpt", str(run_dir / "ckpts" / "final.pt"), "--data", str(data),
+               "-o", str(out / "metrics.json"), "--points", "500", "--no-figures", "--no-meshes", *extra])
+    assert rc == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_eval_reports_every_case_per_split_with_val_as_the_headline(run_dir, samples, tmp_path, capsys):
+    split_file = tmp_path / "splits.csv"
+    split_file.write_text("case_id,split\nsphere0,train\nsphere1,val\n")
+    manifest = write_manifest(samples / "held_out.csv", sorted(samples.glob("sphere*.npz")),
+                              split=SplitRule(file=split_file))
+    metrics = _eval(run_dir, manifest, tmp_path / "all")
+    err = capsys.readouterr().err
+    assert metrics["eval_split"] == "val" and list(metrics)[:2] == ["eval_split", "val/num_cases"]
+    assert metrics["val/num_cases"] == 1 and metrics["train/num_cases"] == 1 and metrics["num_cases"] == 2
+    assert not any(k.startswith("test/") for k in metrics)
+    for key in ("occupancy_iou", "chamfer_l1_mm", "sdf_mae_mm", "codebook_usage", "perplexity"):
+        assert f"val/{key}" in metrics and f"train/{key}" in metrics
+    both = (metrics["val/sdf_mae_mm"] + metrics["train/sdf_mae_mm"]) / 2
+    assert metrics["sdf_mae_mm"] == pytest.approx(both)  # the flat keys: all cases, splits mixed
+    cases = (tmp_path / "all" / "cases.csv").read_text().splitlines()
+    assert cases[0].startswith("case_id,split,") and cases[1].startswith("sphere0,train,")
+    assert "ctvq eval: val (1 cases): IoU" in err and "TRAINING-case" not in err
+
+    only_val = _eval(run_dir, manifest, tmp_path / "val", "--split", "val")
+    assert only_val["eval_split"] == "val" and only_val["num_cases"] == 1
+    assert only_val["val/occupancy_iou"] == metrics["val/occupancy_iou"]
+    assert not any(k.startswith("train/") for k in only_val)
+    rc = main(["eval", "--ckpt", str(run_dir / "ckpts" / "final.pt"), "--data", str(manifest),
+               "-o", str(tmp_path / "t" / "metrics.json"), "--split", "test"])
+    assert rc == 2 and "no ok case in split test (ok cases by split: train 1, val 1, test 0)" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_without_held_out_cases_says_they_are_training_metrics(run_dir, samples, tmp_path, capsys):
+    manifest = write_manifest(samples / "all_train.csv", sorted(samples.glob("sphere*.npz")))
+    metrics = _eval(run_dir, manifest, tmp_path / "out")
+    assert metrics["eval_split"] == "train" and metrics["train/num_cases"] == 2
+    assert not any(k.startswith(("val/", "test/")) for k in metrics)
+    assert "ctvq eval: no held-out cases: these are TRAINING-case metrics\n" in capsys.readouterr().err

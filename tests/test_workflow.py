@@ -106,17 +106,23 @@ def test_full_run_trains_evaluates_and_a_second_run_does_nothing(tmp_path: Path)
     run = _snakemake(tmp_path, "--cores", "2")
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     metrics = json.loads((tmp_path / "results" / "eval" / "lung" / "metrics.json").read_text())
-    assert metrics["num_cases"] == 2
+    assert metrics["num_cases"] == 2  # every ok case is evaluated; the headline is the held-out one
+    assert metrics["eval_split"] == "val" and metrics["val/num_cases"] == 1 and "val/occupancy_iou" in metrics
     final = tmp_path / "results" / "train" / "lung" / "stage2" / "ckpts" / "final.pt"
     stage2 = torch.load(final, weights_only=False)
     assert stage2["ctvq"]["stage"] == 2
     manifest = (tmp_path / "results" / "manifests" / "lung.csv").read_text()
-    assert manifest.count(",ok") == 2
+    assert manifest.count(",ok") == 2 and manifest.count(",ok,val\n") == 1  # 2 phantoms: one held out
     sample = load_sample(tmp_path / "results" / "samples" / "lung" / "phantom00.npz")
     assert sample.num_points > 100 and sample.window == "lung" and sample.resolution == 64
     again = _snakemake(tmp_path, "-n", "--cores", "2")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+    _write_config(tmp_path, split={"fractions": {"train": 0.5, "val": 0.5}, "seed": 1})
+    resplit = _snakemake(tmp_path, "-n", "--cores", "2")  # the split is a param of the manifest rule
+    assert resplit.returncode == 0
+    counts = _job_counts(resplit.stdout + resplit.stderr)
+    assert counts["manifest"] == 1 and counts["evaluate"] == 1 and "index" not in counts
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from ctvq.ct.io import FILE_SUFFIXES, write_ct, write_dicom_series
 from ctvq.ct.manifest import manifest_table, write_manifest
 from ctvq.ct.phantom import chest_phantom
 from ctvq.ct.pipeline import build_band, default_case_id, load_windowed, window_scan
+from ctvq.ct.splits import DEFAULT_FRACTIONS, SPLITS, SplitError, SplitRule, parse_fractions
 from ctvq.ct.volume_file import save_windowed
 from ctvq.ct.windows import CUSTOM, DEFAULT_ISO, WINDOWS, get_window
 from ctvq.data.sample import save_sample
@@ -120,13 +121,36 @@ def _configure_manifest(p: argparse.ArgumentParser) -> None:
     p.add_argument("samples", type=Path, nargs="+", help="training samples from `ctvq index`")
     p.add_argument("-o", "--output", type=Path, required=True, help="manifest (.csv)")
     p.add_argument("--min-points", type=int, default=100, help="cases with fewer band voxels are filtered")
+    default = ",".join(f"{k}={v:g}" for k, v in DEFAULT_FRACTIONS.items())
+    p.add_argument("--split", metavar="FRACTIONS",
+                   help=f"train/val/test fractions summing to 1 (default {default}); each case's split comes "
+                        "from a seeded hash of its id, so it stays put when the cohort grows; with >= 2 ok "
+                        "cases an empty val (or test) gets one train case")
+    p.add_argument("--split-seed", type=int, metavar="N", help="seed of the split hash (default 0)")
+    p.add_argument("--split-file", type=Path, metavar="CSV",
+                   help="CSV with columns case_id,split (train/val/test) to use instead of the hash; every "
+                        "manifest case must be listed")
+
+
+def split_rule(args: argparse.Namespace) -> SplitRule:
+    """The split options as a rule; a split file excludes the hash options (it replaces the hash)."""
+    if args.split_file is not None:
+        given = [o for o, v in (("--split", args.split), ("--split-seed", args.split_seed)) if v is not None]
+        if given:
+            raise SplitError(f"{' and '.join(given)} with --split-file: the file gives every case's split; "
+                             "drop one of them")
+        return SplitRule(file=args.split_file)
+    fractions = parse_fractions(args.split) if args.split is not None else dict(DEFAULT_FRACTIONS)
+    return SplitRule(fractions=fractions, seed=args.split_seed if args.split_seed is not None else 0)
 
 
 def _run_manifest(args: argparse.Namespace) -> int:
-    table = manifest_table(args.samples, args.output.parent, args.min_points)
+    table = manifest_table(args.samples, args.output.parent, args.min_points, split_rule(args))
     write_manifest(table, args.output)
-    ok = int((table["status"] == "ok").sum())
-    print(f"ctvq manifest: wrote {args.output} ({ok} ok, {len(table) - ok} filtered)", file=sys.stderr)
+    ok = table["status"] == "ok"
+    counts = ", ".join(f"{s} {int((ok & (table['split'] == s)).sum())}" for s in SPLITS)
+    print(f"ctvq manifest: wrote {args.output} ({int(ok.sum())} ok, {int((~ok).sum())} filtered; ok cases by "
+          f"split: {counts})", file=sys.stderr)
     return 0
 
 

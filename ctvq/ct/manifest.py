@@ -1,4 +1,5 @@
-"""The case manifest: one row per training sample, with counts and whether (and why) it is filtered."""
+"""The case manifest: one row per training sample, with counts, whether (and why) it is filtered, and its
+split (train / val / test; how it is assigned: `ctvq.ct.splits`). Training reads the train rows only."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ from pathlib import Path
 import pandas as pd
 
 from ctvq.ct.atomic import atomic_output
+from ctvq.ct.splits import SplitRule
 from ctvq.data.sample import load_sample
 
 COLUMNS = ("case_id", "source", "sample_path", "window", "resolution", "spacing", "num_points", "num_latent",
-           "bbox", "status")
+           "bbox", "status", "split")
 
 
 def manifest_table(sample_paths: Sequence[str | os.PathLike], manifest_dir: str | os.PathLike,
-                   min_points: int = 100) -> pd.DataFrame:
+                   min_points: int = 100, split: SplitRule | None = None) -> pd.DataFrame:
     """Rows for ``sample_paths`` (paths stored relative to ``manifest_dir``); ``status`` is ``ok`` or
-    ``filtered: min_points (N < min_points)``. Unreadable samples raise SampleFormatError."""
+    ``filtered: min_points (N < min_points)``; ``split`` by ``split`` (default: `SplitRule()`, the hash
+    rule with train=0.8,val=0.2, seed 0). Unreadable samples raise SampleFormatError."""
     rows = []
     for path in sample_paths:
         sample = load_sample(path)
@@ -40,6 +43,10 @@ def manifest_table(sample_paths: Sequence[str | os.PathLike], manifest_dir: str 
             "bbox": bbox,
             "status": "ok" if n >= min_points else f"filtered: min_points ({n} < {min_points})",
         })
+    rule = split if split is not None else SplitRule()
+    splits = rule.assign([r["case_id"] for r in rows], [r["status"] == "ok" for r in rows])
+    for row, name in zip(rows, splits, strict=True):
+        row["split"] = name
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -49,5 +56,5 @@ def write_manifest(table: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"case_id": str, "source": str, "spacing": str, "bbox": str},
+    return pd.read_csv(path, dtype={"case_id": str, "source": str, "spacing": str, "bbox": str, "split": str},
                        keep_default_na=False)

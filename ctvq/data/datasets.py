@@ -4,6 +4,10 @@ A source is a manifest CSV written by `ctvq manifest` (``sample_path`` relative 
 folder of sample ``*.npz`` files written by `ctvq index`, or, with ``precompute_sparse=False``, a folder of
 windowed volumes written by `ctvq window` whose samples are built on the fly.
 
+Held-out evaluation is the norm: a manifest's rows whose ``split`` is not ``train`` (val / test, see
+`ctvq.ct.splits`) are dropped before anything is read, so their files are never opened; a manifest without
+a ``split`` column (older manifests) and a folder of samples are all train. ``dataset.held_out`` lists them.
+
 Fail loudly: a broken file raises naming it (never a substitute sample, TRELLIS's known defect); a sample of
 another window or resolution is an error, not skipped. Cases below ``min_points`` are filtered and recorded
 in ``dataset.filtered``. Cases above ``max_points`` are cut to a latent-aligned crop (`ctvq.data.crop`)
@@ -29,6 +33,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from ctvq.ct.splits import SPLITS
 from ctvq.ct.windows import CUSTOM, WINDOWS
 from ctvq.data.crop import crop_to_budget
 from ctvq.data.sample import (
@@ -60,6 +65,7 @@ class CaseRecord:
     status: str = "ok"
     window_width: float | None = None  # known from sample headers, not from a manifest
     window_level: float | None = None
+    split: str = "train"  # manifest's split column; training reads train rows only
 
 
 def _usable_status(status: str) -> bool:
@@ -96,7 +102,8 @@ def resolve_window(window_type: str, width: float | None, level: float | None) -
 def read_manifest(path: Path) -> list[CaseRecord]:
     """Rows of a `ctvq manifest` CSV as records, sample paths resolved against the manifest's folder."""
     try:
-        table = pd.read_csv(path, dtype={"case_id": str, "sample_path": str, "window": str, "status": str})
+        table = pd.read_csv(path, dtype={"case_id": str, "sample_path": str, "window": str, "status": str,
+                                         "split": str})
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise DatasetError(f"{path}: not a readable manifest CSV ({exc})") from exc
     missing = [c for c in MANIFEST_REQUIRED_COLUMNS if c not in table.columns]
@@ -122,9 +129,18 @@ def read_manifest(path: Path) -> list[CaseRecord]:
                 raise DatasetError(f"{where}: {name} {value!r} is not an integer") from exc
         records.append(CaseRecord(
             case_id=str(row.case_id), path=path.parent / str(row.sample_path), window=str(row.window),
-            status=status, **counts,
+            status=status, split=_row_split(row, f"{path}: line {number} ({row.sample_path})"), **counts,
         ))
     return records
+
+
+def _row_split(row: Any, where: str) -> str:
+    """A row's split; a manifest written before splits existed has no column and is all train."""
+    split = getattr(row, "split", "train")
+    if split not in SPLITS:
+        raise DatasetError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}; "
+                           "re-run `ctvq manifest`")
+    return split
 
 
 def peek_sample(path: Path) -> CaseRecord:
@@ -244,6 +260,7 @@ class _SparseDataset(Dataset):
         # Shared memory, so set_epoch reaches persistent DataLoader workers too.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.filtered: list[tuple[str, str]] = []
+        self.held_out: list[tuple[str, str]] = []  # (case_id, split) of manifest rows not in train
         built: dict[Path, SparseSample] = {}
         records = self._index_source(built)
         self.records: list[CaseRecord] = []
@@ -310,7 +327,18 @@ class _SparseDataset(Dataset):
             records = [r for r in records if r.window == self.window.name]
         for record in records:
             _check_resolution(record, self.resolution, f"{src} (row of {record.path})")
-        return records
+        self.held_out = [(r.case_id, r.split) for r in records if r.split != "train"]
+        train = [r for r in records if r.split == "train"]
+        if not train:
+            raise DatasetError(
+                f"{src}: the train split is empty (all {len(records)} rows are val/test) and training "
+                "reads train rows only; re-run `ctvq manifest` with a train fraction or a split file "
+                "that lists train cases"
+            )
+        if self.held_out:
+            logger.info("%s: %d case(s) held out of training (%s)", src, len(self.held_out),
+                        ", ".join(f"{c}: {s}" for c, s in self.held_out))
+        return train
 
     def _filter_reason(self, record: CaseRecord) -> str | None:
         if not _usable_status(record.status):

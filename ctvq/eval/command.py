@@ -15,6 +15,7 @@ import numpy as np
 
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.pipeline import build_sample, window_scan
+from ctvq.ct.splits import SPLITS
 from ctvq.ct.volume_file import save_npz_atomic
 from ctvq.ct.windows import Window
 from ctvq.data.sample import SampleFormatError, SparseSample, load_sample
@@ -52,7 +53,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     _add_config(p)
     p.add_argument("--data", type=Path, required=True, help="manifest CSV, folder of samples, or one sample")
-    p.add_argument("-o", "--output", type=Path, required=True, help="metrics.json (flat, for dvc metrics)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="metrics.json (flat, for dvc metrics; val/..., train/..., test/... keys per split)")
     p.add_argument("--output-dir", type=Path,
                    help="cases.csv, figures/, meshes/, training_curves.* (default: the folder of -o)")
     p.add_argument("--points", type=int, default=DEFAULT_POINTS,
@@ -63,6 +65,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                         "to the samples, as `ctvq demo` lays them out; without one the input SDF is shown)")
     p.add_argument("--train-log", type=Path,
                    help="metrics.csv of the training run for the curves (default: the checkpoint's run's)")
+    p.add_argument("--split", nargs="+", choices=SPLITS, metavar="SPLIT",
+                   help="evaluate only the manifest's cases of these splits (train, val, test; default: "
+                        "every ok case, reported per split)")
     p.add_argument("--no-meshes", action="store_true", help="skip the PLY meshes")
     p.add_argument("--no-figures", action="store_true", help="skip the slice figures")
 
@@ -76,9 +81,9 @@ def run_eval(args: argparse.Namespace) -> int:
     out_dir = args.output_dir if args.output_dir is not None else args.output.parent
     summary = run_evaluation(loaded, settings, args.data, args.output, out_dir, points=args.points,
                              seed=args.seed, meshes=not args.no_meshes, figures=not args.no_figures,
-                             windowed_dir=args.windowed_dir, train_log=args.train_log)
-    print(f"ctvq eval: wrote {args.output} ({summary['num_cases']} cases) and {out_dir}/cases.csv",
-          file=sys.stderr)
+                             windowed_dir=args.windowed_dir, train_log=args.train_log, splits=args.split)
+    print(f"ctvq eval: wrote {args.output} ({summary['num_cases']} cases, headline split "
+          f"{summary['eval_split']}) and {out_dir}/cases.csv", file=sys.stderr)
     return 0
 
 

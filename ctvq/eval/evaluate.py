@@ -3,8 +3,13 @@
 Per case the input field is the decoder's supervision over the case's latent cells (band SDF, truncated sign
 elsewhere) and the reconstruction is the decoded field of the same cells, decoded from the code indices
 (the token path, honouring ``chunk_size``). Outputs:
-- ``metrics.json``: flat numbers (means over cases; codebook usage/perplexity over all tokens) for
-  ``dvc metrics show``; ``cases.csv`` beside it: one row per case.
+- ``metrics.json``: flat numbers for ``dvc metrics show``. Every ok case of a manifest is evaluated, whatever
+  its split, and reported per split: ``val/occupancy_iou``, ``train/chamfer_l1_mm``, ``test/...`` (means
+  over that split's cases; codebook usage/perplexity over its tokens). ``eval_split`` names the headline
+  split: ``val``, else ``test``, else ``train`` (no held-out case: those are training-case numbers, and the
+  summary says so). The unprefixed keys (``occupancy_iou``, ``num_cases``, ...) are the same metrics over
+  all evaluated cases together, splits mixed: kept for older readers, not the number to quote.
+  ``cases.csv`` beside it: one row per case, with its ``split``.
 - ``figures/<case>.png`` (slices with both surfaces), ``meshes/<case>_{input,recon}.ply`` (patient mm),
   ``training_curves.{png,csv}`` when a training log is given or found in the checkpoint's run folder.
 """
@@ -24,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctvq.ct.splits import SPLITS
 from ctvq.ct.volume_file import load_windowed
 from ctvq.data.datasets import DatasetError, read_manifest
 from ctvq.data.sample import SparseSample, decoder_targets, load_sample
@@ -42,6 +48,7 @@ from ctvq.eval.surfaces import DenseBox, Mesh, bounding_box, box_surface, dense_
 from ctvq.eval.tokens import cell_voxels, decode_tokens, encode_sample
 
 TRAIN_LOG_NAME = "metrics.csv"
+HEADLINE_ORDER = ("val", "test", "train")  # the first split evaluated is the one metrics.json headlines
 
 
 @dataclass
@@ -116,26 +123,48 @@ def evaluate_case(loaded: LoadedModel, sample: SparseSample, *, points: int = DE
     return CaseEvaluation(metrics, counts, input_box, recon_box, input_mesh, recon_mesh, seconds)
 
 
-def sample_paths(data: str | os.PathLike) -> list[Path]:
-    """A manifest CSV (its 'ok' rows), a folder of sample ``.npz`` files, or one sample file."""
+@dataclass(frozen=True)
+class EvalCase:
+    """One case to evaluate: its sample file and the split the manifest gives it."""
+
+    path: Path
+    split: str
+
+
+def eval_cases(data: str | os.PathLike, splits: Sequence[str] | None = None) -> list[EvalCase]:
+    """A manifest CSV (its 'ok' rows of every split, or of ``splits``), a folder of sample ``.npz`` files,
+    or one sample file. A folder or a file has no split: its cases count as train."""
     data = Path(data)
     if data.is_dir():
         paths = sorted(data.glob("*.npz"))
         if not paths:
             raise EvalInputError(f"{data}: folder holds no sample .npz files")
-        return paths
-    if data.suffix.lower() == ".csv":
+        cases = [EvalCase(p, "train") for p in paths]
+    elif data.suffix.lower() == ".csv":
         try:
             records = read_manifest(data)
         except DatasetError as exc:
             raise EvalInputError(str(exc)) from exc
-        paths = [r.path for r in records if r.status == "ok"]
-        if not paths:
+        cases = [EvalCase(r.path, r.split) for r in records if r.status == "ok"]
+        if not cases:
             raise EvalInputError(f"{data}: no case with status 'ok' in the manifest")
-        return paths
-    if data.is_file():
-        return [data]
-    raise EvalInputError(f"{data}: no such manifest, folder or sample file")
+    elif data.is_file():
+        cases = [EvalCase(data, "train")]
+    else:
+        raise EvalInputError(f"{data}: no such manifest, folder or sample file")
+    if splits is None:
+        return cases
+    chosen = [c for c in cases if c.split in splits]
+    if not chosen:
+        have = ", ".join(f"{s} {sum(c.split == s for c in cases)}" for s in SPLITS)
+        raise EvalInputError(f"{data}: no ok case in split {', '.join(splits)} (ok cases by split: {have}); "
+                             "choose another --split")
+    return chosen
+
+
+def sample_paths(data: str | os.PathLike) -> list[Path]:
+    """The sample files `eval_cases` finds in ``data`` (every split)."""
+    return [case.path for case in eval_cases(data)]
 
 
 def aggregate(cases: Sequence[dict[str, Any]], counts: np.ndarray) -> dict[str, float | int | None]:
@@ -144,7 +173,7 @@ def aggregate(cases: Sequence[dict[str, Any]], counts: np.ndarray) -> dict[str, 
     A metric a case lacks (no reconstructed surface: no distances) is averaged over the cases that have it;
     ``cases_without_recon_surface`` says how many lacked one; a metric no case has is None (JSON null).
     """
-    skip = {"case_id", "codebook_usage", "perplexity"}
+    skip = {"case_id", "split", "codebook_usage", "perplexity"}
     out: dict[str, float | int | None] = {"num_cases": len(cases)}
     for key in cases[0]:
         if key in skip:
@@ -155,6 +184,26 @@ def aggregate(cases: Sequence[dict[str, Any]], counts: np.ndarray) -> dict[str, 
     out.update(codebook_stats(counts))
     out["case_codebook_usage"] = float(np.mean([c["codebook_usage"] for c in cases]))
     out["case_perplexity"] = float(np.mean([c["perplexity"] for c in cases]))
+    return out
+
+
+def headline_split(present: Sequence[str]) -> str:
+    """The split whose numbers are quoted: val, else test, else train (no held-out case at all)."""
+    return next(s for s in HEADLINE_ORDER if s in present)
+
+
+def split_metrics(cases: Sequence[dict[str, Any]], counts: Sequence[np.ndarray]
+                  ) -> dict[str, str | float | int | None]:
+    """``eval_split``, then ``<split>/<metric>`` per split present (headline split first), then the flat
+    keys: the same metrics over every evaluated case together, splits mixed (what older readers expect)."""
+    present = [s for s in SPLITS if any(c["split"] == s for c in cases)]
+    eval_split = headline_split(present)
+    out: dict[str, str | float | int | None] = {"eval_split": eval_split}
+    for split in sorted(present, key=lambda s: (s != eval_split, SPLITS.index(s))):
+        chosen = [i for i, c in enumerate(cases) if c["split"] == split]
+        summary = aggregate([cases[i] for i in chosen], np.sum([counts[i] for i in chosen], axis=0))
+        out.update({f"{split}/{key}": value for key, value in summary.items()})
+    out.update(aggregate(cases, np.sum(counts, axis=0)))
     return out
 
 
@@ -169,57 +218,99 @@ def _json_number(value: float | int | None) -> float | int | None:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def _load_cases(data: str | os.PathLike, settings: DataSettings, splits: Sequence[str] | None
+                ) -> list[tuple[EvalCase, SparseSample]]:
+    """Every case's sample, checked against the checkpoint's settings before any evaluation starts."""
+    loaded = []
+    for case in eval_cases(data, splits):
+        sample = load_sample(case.path)
+        settings.check_sample(sample.window, sample.window_width, sample.window_level, sample.resolution,
+                              sample.band, str(case.path))
+        loaded.append((case, sample))
+    return loaded
+
+
+def _write_case_outputs(result: CaseEvaluation, case: EvalCase, sample: SparseSample, output_dir: Path, *,
+                        meshes: bool, figures: bool, windowed_dir: Path | None) -> None:
+    """The case's PLY meshes and slice figure (over its windowed volume when one is found)."""
+    name = sample.case_id
+    if meshes:
+        write_ply(result.input_mesh, output_dir / "meshes" / f"{name}_input.ply")
+        write_ply(result.recon_mesh, output_dir / "meshes" / f"{name}_recon.ply")
+    if figures:
+        windowed = windowed_path_for(case.path, windowed_dir)
+        background = load_windowed(windowed).values if windowed.is_file() else None
+        centre = np.round(sample.coords.mean(axis=0)).astype(int)
+        keys = ("sdf_mae_mm", "chamfer_l1_mm", "fscore_1mm", "occupancy_iou")
+        summary = {k: result.metrics[k] for k in keys}
+        save_case_figure(output_dir / "figures" / f"{name}.png", name, result.input_box, result.recon_box,
+                         centre, sample.resolution, background, summary)
+
+
+def _print_case(number: int, total: int, split: str, result: CaseEvaluation) -> None:
+    m = result.metrics
+    chamfer = "n/a" if m["chamfer_l1_mm"] is None else f"{m['chamfer_l1_mm']:.3f} mm"
+    print(f"ctvq eval: [{number}/{total}] {m['case_id']} ({split}): sdf MAE {m['sdf_mae_mm']:.3f} mm, "
+          f"IoU {m['occupancy_iou']:.3f}, Chamfer-L1 {chamfer}, {m['tokens']} tokens "
+          f"({sum(result.seconds.values()):.1f} s)", file=sys.stderr, flush=True)
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:.3f}{unit}"
+
+
+def print_summary(summary: dict[str, Any], data: str | os.PathLike) -> None:
+    """One line per split, headline first; a loud line when there is no held-out case to quote."""
+    for split in sorted(SPLITS, key=lambda s: s != summary["eval_split"]):
+        if f"{split}/num_cases" not in summary:
+            continue
+        m = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{split}/")}
+        print(f"ctvq eval: {split} ({m['num_cases']} cases): IoU {_fmt(m['occupancy_iou'])}, Chamfer-L1 "
+              f"{_fmt(m['chamfer_l1_mm'], ' mm')}, sdf MAE {_fmt(m['sdf_mae_mm'], ' mm')}", file=sys.stderr)
+    if summary["eval_split"] == "train":
+        where = "" if Path(data).suffix.lower() == ".csv" else " (a folder or sample file has no split)"
+        print(f"ctvq eval: no held-out cases: these are TRAINING-case metrics{where}", file=sys.stderr)
+
+
+def _write_json(values: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(values, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def run_evaluation(loaded: LoadedModel, settings: DataSettings, data: str | os.PathLike,
                    metrics_json: str | os.PathLike, output_dir: str | os.PathLike, *,
                    points: int = DEFAULT_POINTS, seed: int = 0, meshes: bool = True, figures: bool = True,
                    windowed_dir: str | os.PathLike | None = None, train_log: str | os.PathLike | None = None,
-                   quiet: bool = False) -> dict[str, Any]:
-    """Evaluate every case of ``data``; write metrics.json, cases.csv, figures, meshes and curves."""
+                   quiet: bool = False, splits: Sequence[str] | None = None) -> dict[str, Any]:
+    """Evaluate every ok case of ``data`` (of ``splits`` only, if given); write metrics.json (per split,
+    see `split_metrics`), cases.csv (with each case's split), figures, meshes and curves."""
     output_dir = Path(output_dir)
-    paths = sample_paths(data)
-    samples = []
-    for path in paths:
-        sample = load_sample(path)
-        settings.check_sample(sample.window, sample.window_width, sample.window_level, sample.resolution,
-                              sample.band, str(path))
-        samples.append((path, sample))
+    windowed = Path(windowed_dir) if windowed_dir is not None else None
+    samples = _load_cases(data, settings, splits)
     cases: list[dict[str, Any]] = []
-    total = np.zeros(loaded.num_embeddings, dtype=np.int64)
-    for number, (path, sample) in enumerate(samples, start=1):
+    counts: list[np.ndarray] = []
+    for number, (case, sample) in enumerate(samples, start=1):
         result = evaluate_case(loaded, sample, points=points, seed=seed)
-        cases.append(result.metrics)
-        total += result.counts
-        case = sample.case_id
-        if meshes:
-            write_ply(result.input_mesh, output_dir / "meshes" / f"{case}_input.ply")
-            write_ply(result.recon_mesh, output_dir / "meshes" / f"{case}_recon.ply")
-        if figures:
-            windowed = windowed_path_for(path, Path(windowed_dir) if windowed_dir is not None else None)
-            background = load_windowed(windowed).values if windowed.is_file() else None
-            centre = np.round(sample.coords.mean(axis=0)).astype(int)
-            summary = {k: result.metrics[k] for k in ("sdf_mae_mm", "chamfer_l1_mm", "fscore_1mm",
-                                                        "occupancy_iou")}
-            save_case_figure(output_dir / "figures" / f"{case}.png", case, result.input_box, result.recon_box,
-                             centre, sample.resolution, background, summary)
+        cases.append({"case_id": sample.case_id, "split": case.split, **result.metrics})
+        counts.append(result.counts)
+        _write_case_outputs(result, case, sample, output_dir, meshes=meshes, figures=figures,
+                            windowed_dir=windowed)
         if not quiet:
-            m = result.metrics
-            chamfer = "n/a" if m["chamfer_l1_mm"] is None else f"{m['chamfer_l1_mm']:.3f} mm"
-            print(f"ctvq eval: [{number}/{len(samples)}] {case}: sdf MAE {m['sdf_mae_mm']:.3f} mm, "
-                  f"IoU {m['occupancy_iou']:.3f}, Chamfer-L1 {chamfer}, {m['tokens']} tokens "
-                  f"({sum(result.seconds.values()):.1f} s)", file=sys.stderr, flush=True)
-    summary_metrics = {k: _json_number(v) for k, v in aggregate(cases, total).items()}
-    metrics_json = Path(metrics_json)
-    metrics_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = metrics_json.with_name(f".{metrics_json.name}.tmp")
-    tmp.write_text(json.dumps(summary_metrics, indent=2) + "\n")
-    os.replace(tmp, metrics_json)
+            _print_case(number, len(samples), case.split, result)
+    summary_metrics = {k: _json_number(v) for k, v in split_metrics(cases, counts).items()}
+    _write_json(summary_metrics, Path(metrics_json))
     output_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(cases).to_csv(output_dir / "cases.csv", index=False)
     log = Path(train_log) if train_log is not None else run_config_path(loaded.path).parent / TRAIN_LOG_NAME
     if train_log is not None or log.is_file():
         training_curves(log, output_dir / "training_curves.png", output_dir / "training_curves.csv")
+    if not quiet:
+        print_summary(summary_metrics, data)
     return summary_metrics
 
 
-__all__ = ["CaseEvaluation", "aggregate", "compare_fields", "evaluate_case", "run_evaluation", "sample_paths",
+__all__ = ["CaseEvaluation", "EvalCase", "aggregate", "compare_fields", "eval_cases", "evaluate_case",
+           "headline_split", "print_summary", "run_evaluation", "sample_paths", "split_metrics",
            "windowed_path_for"]

@@ -8,6 +8,9 @@ an epoch at (epoch, batch) and see exactly the batches an uninterrupted run woul
 from __future__ import annotations
 
 import math
+import os
+import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,16 +62,36 @@ class EpochSampler(Sampler[int]):
 
 
 def build_dataset(cfg: DatasetConfig, source: Path) -> CTWindowSparseSDF | SparseSDF:
-    """The dataset class the config names, over ``source`` (manifest CSV or folder of samples)."""
+    """The dataset class the config names, over ``source`` (manifest CSV or folder of samples).
+
+    A manifest's val/test rows are left out by the dataset (train split only); one line says how many.
+    """
     common = dict(resolution=cfg.resolution, min_points=cfg.min_points, max_points=cfg.max_points,
                   cache_data=cfg.cache_data, precompute_sparse=cfg.precompute_sparse, band=cfg.band,
                   iso_value=cfg.iso_value, seed=cfg.seed)
     if cfg.name == "CTWindowSparseSDF":
-        return CTWindowSparseSDF(source, window_type=cfg.window_type, window_width=cfg.window_width,
-                                 window_level=cfg.window_level, **common)
-    if cfg.name == "SparseSDF":
-        return SparseSDF(source, **common)
-    raise ValueError(f"dataset.name={cfg.name!r}; use CTWindowSparseSDF or SparseSDF")
+        dataset = CTWindowSparseSDF(source, window_type=cfg.window_type, window_width=cfg.window_width,
+                                    window_level=cfg.window_level, **common)
+    elif cfg.name == "SparseSDF":
+        dataset = SparseSDF(source, **common)
+    else:
+        raise ValueError(f"dataset.name={cfg.name!r}; use CTWindowSparseSDF or SparseSDF")
+    report_held_out(dataset)
+    return dataset
+
+
+def report_held_out(dataset: CTWindowSparseSDF | SparseSDF) -> None:
+    """Print (rank 0 only) how many cases training uses and how many it holds out, so neither is silent."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    held = Counter(split for _, split in dataset.held_out)
+    kept = f"{len(dataset)} train case(s) used ({len(dataset.filtered)} filtered)"
+    if held:
+        parts = ", ".join(f"{split} {n}" for split, n in sorted(held.items()))
+        print(f"ctvq train: {dataset.source}: {kept}; {sum(held.values())} held out and never read "
+              f"({parts})", file=sys.stdout, flush=True)
+    else:
+        print(f"ctvq train: {dataset.source}: {kept}; no case held out", file=sys.stdout, flush=True)
 
 
 def build_loader(dataset: Dataset, sampler: EpochSampler, *, batch_size: int, batch_split: int,
@@ -86,4 +109,4 @@ def build_loader(dataset: Dataset, sampler: EpochSampler, *, batch_size: int, ba
     )
 
 
-__all__ = ["EpochSampler", "build_dataset", "build_loader"]
+__all__ = ["EpochSampler", "build_dataset", "build_loader", "report_held_out"]

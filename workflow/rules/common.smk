@@ -71,6 +71,29 @@ def _train_settings() -> dict:
 TRAIN = _train_settings()
 
 
+def _split_settings() -> tuple[str, list[str]]:
+    """`ctvq manifest` split options from the split section (checked now), and the split file as input."""
+    from shlex import quote
+
+    from ctvq.ct.splits import SplitError, check_fractions
+
+    split = config["split"]
+    if split["file"]:
+        if not Path(split["file"]).is_file():
+            raise ValueError(f"configs/pipeline.yaml: split.file: {split['file']!r} is not a file; give a CSV "
+                             "with columns case_id,split or set file: null to split by hash")
+        return f"--split-file {quote(split['file'])}", [split["file"]]
+    try:
+        fractions = check_fractions(split["fractions"], "configs/pipeline.yaml: split.fractions")
+    except SplitError as exc:
+        raise ValueError(str(exc).replace("e.g. --split ", "e.g. ")) from None
+    text = ",".join(f"{name}={value!r}" for name, value in fractions.items())
+    return f"--split {text} --split-seed {split['seed']}", []
+
+
+SPLIT_ARGS, SPLIT_FILES = _split_settings()
+
+
 wildcard_constraints:
     case="|".join(sorted(CASES)),
     window="|".join(WINDOWS),

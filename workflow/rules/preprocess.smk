@@ -54,14 +54,18 @@ rule index:
         "{CTVQ} index {input} -o {output} > {log} 2>&1"
 
 
+# The split options are params (changing the split section reruns the manifest); a split file is an input.
 rule manifest:
     input:
-        lambda wc: expand(rules.index.output, window=wc.window, case=sorted(CASES)),
+        samples=lambda wc: expand(rules.index.output, window=wc.window, case=sorted(CASES)),
+        split_file=SPLIT_FILES,
     output:
         f"{RESULTS}/manifests/{{window}}.csv",
     log:
         "logs/manifest/{window}.log",
     params:
         min_points=config["min_points"],
+        split=SPLIT_ARGS,
     shell:
-        "{CTVQ} manifest {input} -o {output} --min-points {params.min_points} > {log} 2>&1"
+        "{CTVQ} manifest {input.samples} -o {output} --min-points {params.min_points} {params.split}"
+        " > {log} 2>&1"
