@@ -52,8 +52,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 TINY1, TINY2 = ROOT / "configs/vqvae/tiny_stage1.json", ROOT / "configs/vqvae/tiny_stage2.json"
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
-    "baseline": {"stage1": str(TINY1), "stage2": str(TINY2),
-                 "patch": {"trainer.args.recon_weighting": "uniform"}},
+    # the tiny configs as they were before the quality work (plain-mean loss, stage-1 codebook mode)
+    "baseline": {"stage1": str(ROOT / "bench/variants/baseline_stage1.json"),
+                 "stage2": str(ROOT / "bench/variants/baseline_stage2.json"), "patch": {}},
     "current": {"stage1": str(TINY1), "stage2": str(TINY2), "patch": {}},
 }
 REAL_TRAIN = ("ts_aorta_ct", "ts_aorta_ct_cropped", "ts_pulmonary_ct_cropped")  # patient B

@@ -192,3 +192,35 @@ def test_group_count_and_model_channel_checks():
         "kind": "sdf"}
     with pytest.raises(ValueError, match="representation_config must be a dict or null"):
         tiny_model(representation_config="sdf")
+
+
+def test_balanced_weighting_gives_each_target_group_an_equal_share():
+    from ctvq.models.vqvae import voxel_weights
+
+    # deep inside x2, band inside x1, band outside x2, far outside x5
+    target = torch.tensor([-1.0, -1.0, -0.5, 0.2, 0.3, 1.0, 1.0, 1.0, 1.0, 1.0])
+    w = voxel_weights(target, "balanced")
+    groups = [w[:2].sum(), w[2:3].sum(), w[3:5].sum(), w[5:].sum()]
+    assert torch.allclose(torch.stack(groups), torch.full((4,), 0.25))
+    band = voxel_weights(target, "band")
+    assert float(band[2:5].sum()) == pytest.approx(0.5) and float(band.sum()) == pytest.approx(1.0)
+    assert voxel_weights(target, "uniform") is None
+    assert voxel_weights(torch.ones(5), "balanced") is None  # one group only: the plain mean
+
+
+def test_balanced_loss_is_not_fitted_by_outside_everywhere():
+    from ctvq.models.vqvae import reconstruction_loss
+
+    # 2 % inside, like bone: the best constant prediction under the plain mean is "+1 everywhere" (no
+    # surface, tanh saturated); under balanced it sits between the signs, where tanh still has a gradient
+    target = torch.ones(1000)
+    target[:20] = -1.0
+    constants = torch.linspace(-1, 1, 41)
+
+    def best(weighting):
+        losses = [reconstruction_loss(torch.full((1000,), float(c)), target, "l1_l2", weighting)
+                  for c in constants]
+        return float(constants[int(torch.stack(losses).argmin())])
+
+    assert best("uniform") == 1.0
+    assert abs(best("balanced")) < 0.25

@@ -91,7 +91,7 @@ def test_batch_split_accumulation_equals_one_full_batch(tmp_path, data):
         micro = SparseCollate(split)(items)
         assert len(micro) == split
         before = _params(trainer.model)
-        logs, _ = trainer.train_step(micro)  # zero-initialised output layers: the first step moves only them
+        logs, _ = trainer.train_step(micro)  # the decoder output layer is zero-initialised: two steps
         trainer.train_step(micro)
         delta = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}
         results.append((logs["loss"], delta))

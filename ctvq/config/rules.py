@@ -91,7 +91,7 @@ def config_warnings(config: CTVQConfig) -> list[str]:
     """Valid but probably unintended settings, one sentence each (printed by validate-config and train).
 
     Stage 1 in ``codebook`` mode freezes encoder and decoder: without Direct3D-S2 weights they are random,
-    and the zero-initialised encoder output maps every voxel to one latent, so one code lives.
+    so the codebook learns to quantize latents that carry no learned shape information.
     ``autoencoder`` mode trains encoder and decoder with the quantizer bypassed, then fits the codebook by
     k-means on their outputs.
     """
@@ -102,8 +102,8 @@ def config_warnings(config: CTVQConfig) -> list[str]:
     if t.pretrained_vae_path is None:
         out.append(
             "trainer.args: stage 1 with stage1_mode \"codebook\" and no pretrained_vae_path trains a "
-            "codebook against a random frozen encoder (one code lives); set stage1_mode to \"autoencoder\" "
-            "or give Direct3D-S2 weights"
+            "codebook against a random frozen encoder (its latents mean nothing yet); set stage1_mode to "
+            "\"autoencoder\" or give Direct3D-S2 weights"
         )
     if m.codebook_update == "ema":
         out.append(

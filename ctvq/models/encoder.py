@@ -177,8 +177,10 @@ class SparseSDFEncoder(nn.Module):
             use_checkpoint, qk_rms_norm,
         )
         self.out_layer = SparseLinear(mc, 2 * latent_channels)
+        # Xavier weights on the output layer too (Direct3D-S2 zero-initialises it): from scratch, a zero
+        # output maps every cell to one latent, hence one code; measured on bone phantoms at 64^3, 300
+        # steps: codebook usage 0.03 with the zero init, 0.56 with Xavier. Pretrained weights overwrite both.
         init_linear_layers(self)
-        nn.init.zeros_(self.out_layer.weight)
         nn.init.zeros_(self.out_layer.bias)
 
     def torso(self) -> list[nn.Module]:

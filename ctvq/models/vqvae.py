@@ -34,7 +34,7 @@ from ctvq.models.quantizer import QuantizerOutput, VectorQuantizer
 from ctvq.sparse import SparseTensor, resolve_backend, set_sparse_backend
 
 LOSS_TYPES = ("mse", "l1", "l1_l2")
-RECON_WEIGHTINGS = ("uniform", "balanced")
+RECON_WEIGHTINGS = ("uniform", "balanced", "band")
 
 
 def _linear_keys(coords: torch.Tensor, extent: list[int]) -> torch.Tensor:
@@ -80,21 +80,28 @@ def gather_targets(
 def voxel_weights(target: torch.Tensor, weighting: str) -> torch.Tensor | None:
     """Per-voxel loss weights summing to 1, or None for the plain mean (``uniform``).
 
-    ``balanced``: the inside voxels (target < 0) and the outside ones each carry half the loss, so a window
-    whose structures fill a few percent of the decoded cells (bone) cannot be fitted by "outside everywhere".
+    The decoder's targets are four groups: deep inside (-1, sign only), band inside (-1, 0), band outside
+    [0, 1) and far outside (+1, sign only). Thin anatomy (bone: 2-10 % of the decoded voxels inside) under the
+    plain mean is fitted best by "outside everywhere", and tanh then saturates (measured: every decoded voxel
+    at |sdf| > 0.999, +1.000 at the inside ones), so nothing learns again.
+    ``balanced``: each non-empty group carries the same share, so neither sign nor the sign-only far field can
+    dominate, and the surface is pulled from both sides. ``band``: band voxels and sign-only voxels half each.
     """
     if weighting == "uniform":
         return None
-    if weighting != "balanced":
+    if weighting not in RECON_WEIGHTINGS:
         raise ValueError(f"recon_weighting={weighting!r}; use one of {RECON_WEIGHTINGS}")
-    inside = target < 0
-    n_in = inside.sum()
-    n_out = target.numel() - n_in
-    if n_in == 0 or n_out == 0:
+    in_band = target.abs() < 1.0
+    if weighting == "band":
+        group = in_band.long()
+    else:
+        group = (target >= 0).long() * 2 + (in_band == (target >= 0)).long()
+    counts = torch.bincount(group, minlength=4).float()
+    present = counts > 0
+    if int(present.sum()) < 2:
         return None
-    w_in = 0.5 / n_in.float()
-    w_out = 0.5 / n_out.float()
-    return torch.where(inside, w_in, w_out)
+    share = torch.where(present, 1.0 / present.sum() / counts.clamp_min(1.0), torch.zeros_like(counts))
+    return share[group]
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
