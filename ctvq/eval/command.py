@@ -1,6 +1,7 @@
 """argparse front ends of ``ctvq eval``, ``ctvq encode`` and ``ctvq decode`` (the lead registers them).
 
-Expected failures raise ``EXPECTED_ERRORS``; the CLI prints their first line and exits 2.
+Expected failures raise ``EXPECTED_ERRORS``; the CLI prints their first line and exits 2. A reconstruction
+without a surface (a collapsed checkpoint) exits ``EXIT_NO_SURFACE`` = 3 (``DECODE_EPILOG``, ``EVAL_EPILOG``).
 ``python -m ctvq.eval.command {eval,encode,decode} ...`` runs them standalone with the same behaviour.
 """
 
@@ -28,13 +29,26 @@ from ctvq.eval.loading import (
     load_settings,
 )
 from ctvq.eval.metrics import DEFAULT_POINTS
-from ctvq.eval.surfaces import sparse_surface, write_ply
+from ctvq.eval.surfaces import no_surface_reason, sparse_surface, write_ply
 from ctvq.eval.tokens import decode_tokens, encode_sample, load_tokens, save_tokens
 from ctvq.train.checkpoint import CheckpointError
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (EvalInputError, CheckpointError, CTInputError,
                                                      SampleFormatError)
 _SDF_KIND = "ctvq-decoded-sdf"
+EXIT_NO_SURFACE = 3
+"""No reconstructed surface: `ctvq decode` of such tokens, `ctvq eval` where every case collapsed."""
+_LIKELY = ("the checkpoint has likely collapsed (look for 'WARNING: collapse:' in its training log) or the "
+           "tokens come from another checkpoint")
+EVAL_EPILOG = (f"Exit status {EXIT_NO_SURFACE} when no evaluated case has a reconstructed surface (a "
+               "collapsed tokenizer that learned nothing), after every output is written; each such case is "
+               "named on stderr and flagged in cases.csv (collapsed) and metrics.json (collapsed_cases). "
+               "--allow-collapse exits 0 anyway.")
+DECODE_EPILOG = (f"Exit status {EXIT_NO_SURFACE}, and no PLY written, when the decoded field has no surface "
+                 "(every voxel on one side of sdf = 0, or no triangle): an empty mesh with exit 0 is easy to "
+                 "miss in a pipeline and means the checkpoint collapsed or the tokens are not its own. "
+                 "--sdf-out is still written (it is the evidence); --allow-empty writes the empty PLY and "
+                 "exits 0.")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -70,6 +84,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                         "every ok case, reported per split)")
     p.add_argument("--no-meshes", action="store_true", help="skip the PLY meshes")
     p.add_argument("--no-figures", action="store_true", help="skip the slice figures")
+    p.add_argument("--allow-collapse", action="store_true",
+                   help=f"exit 0 even when every case collapsed (default: exit {EXIT_NO_SURFACE})")
+    p.epilog = EVAL_EPILOG
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -84,7 +101,19 @@ def run_eval(args: argparse.Namespace) -> int:
                              windowed_dir=args.windowed_dir, train_log=args.train_log, splits=args.split)
     print(f"ctvq eval: wrote {args.output} ({summary['num_cases']} cases, headline split "
           f"{summary['eval_split']}) and {out_dir}/cases.csv", file=sys.stderr)
-    return 0
+    return collapse_exit_code(summary, args.allow_collapse)
+
+
+def collapse_exit_code(summary: dict, allow_collapse: bool) -> int:
+    """``EXIT_NO_SURFACE`` when every evaluated case collapsed (a DAG should go red), else 0."""
+    collapsed, total = summary.get("collapsed_cases") or 0, summary["num_cases"]
+    if collapsed < total:
+        return 0
+    what = "warning" if allow_collapse else "error"
+    hint = "" if allow_collapse else "; --allow-collapse exits 0"
+    print(f"ctvq eval: {what}: all {total} evaluated cases collapsed (no reconstructed surface): the "
+          f"tokenizer learned nothing; outputs were written{hint}", file=sys.stderr)
+    return 0 if allow_collapse else EXIT_NO_SURFACE
 
 
 def add_encode_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,14 +156,21 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
                    help="reconstructed surface (.ply, patient mm)")
     p.add_argument("--sdf-out", type=Path,
                    help="also write the decoded sparse SDF (.npz: coords, sdf, affine)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help=f"write the PLY and exit 0 even when it has no triangle (default: exit "
+                        f"{EXIT_NO_SURFACE})")
+    p.epilog = DECODE_EPILOG
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    """Tokens -> PLY (and SDF); a field with no surface exits ``EXIT_NO_SURFACE`` (see ``DECODE_EPILOG``)."""
     loaded = load_model(args.ckpt, args.device)
     tokens = load_tokens(args.tokens)
     coords, sdf = decode_tokens(loaded, tokens, what=str(args.tokens))
     mesh = sparse_surface(coords, sdf, tokens.affine)
-    write_ply(mesh, args.output)
+    reason = no_surface_reason(sdf, mesh.num_faces)
+    if reason is None or args.allow_empty:
+        write_ply(mesh, args.output)
     if args.sdf_out is not None:
         save_npz_atomic(args.sdf_out, {
             "kind": np.asarray(_SDF_KIND), "format_version": np.asarray(1),
@@ -143,6 +179,10 @@ def run_decode(args: argparse.Namespace) -> int:
             "resolution": np.asarray(tokens.resolution),
             "band": np.asarray(tokens.band), "case_id": np.asarray(tokens.case_id),
         }, level=6)
+    if reason is not None and not args.allow_empty:
+        print(f"ctvq decode: error: {tokens.case_id}: the decoded field has no surface: {reason}; {_LIKELY}; "
+              f"{args.output} not written (--allow-empty writes the empty mesh)", file=sys.stderr)
+        return EXIT_NO_SURFACE
     print(f"ctvq decode: {tokens.case_id}: {coords.shape[0]} voxels, {mesh.num_faces} triangles -> "
           f"{args.output}", file=sys.stderr)
     return 0

@@ -44,7 +44,15 @@ from ctvq.eval.metrics import (
     surface_distances,
     voxel_edge_mm,
 )
-from ctvq.eval.surfaces import DenseBox, Mesh, bounding_box, box_surface, dense_box, write_ply
+from ctvq.eval.surfaces import (
+    DenseBox,
+    Mesh,
+    bounding_box,
+    box_surface,
+    dense_box,
+    no_surface_reason,
+    write_ply,
+)
 from ctvq.eval.tokens import cell_voxels, decode_tokens, encode_sample
 
 TRAIN_LOG_NAME = "metrics.csv"
@@ -119,6 +127,7 @@ def evaluate_case(loaded: LoadedModel, sample: SparseSample, *, points: int = DE
         **codebook_stats(counts),
         "input_faces": input_mesh.num_faces,
         "recon_faces": recon_mesh.num_faces,
+        "collapsed": recon_mesh.num_faces == 0,  # no reconstructed surface (see `warn_if_collapsed`)
     }
     return CaseEvaluation(metrics, counts, input_box, recon_box, input_mesh, recon_mesh, seconds)
 
@@ -173,7 +182,7 @@ def aggregate(cases: Sequence[dict[str, Any]], counts: np.ndarray) -> dict[str, 
     A metric a case lacks (no reconstructed surface: no distances) is averaged over the cases that have it;
     ``cases_without_recon_surface`` says how many lacked one; a metric no case has is None (JSON null).
     """
-    skip = {"case_id", "split", "codebook_usage", "perplexity"}
+    skip = {"case_id", "split", "codebook_usage", "perplexity", "collapsed"}
     out: dict[str, float | int | None] = {"num_cases": len(cases)}
     for key in cases[0]:
         if key in skip:
@@ -181,6 +190,7 @@ def aggregate(cases: Sequence[dict[str, Any]], counts: np.ndarray) -> dict[str, 
         values = [c[key] for c in cases if c[key] is not None]
         out[key if key != "tokens" else "tokens_per_case"] = float(np.mean(values)) if values else None
     out["cases_without_recon_surface"] = sum(1 for c in cases if c["recon_faces"] == 0)
+    out["collapsed_cases"] = sum(1 for c in cases if c["collapsed"])
     out.update(codebook_stats(counts))
     out["case_codebook_usage"] = float(np.mean([c["codebook_usage"] for c in cases]))
     out["case_perplexity"] = float(np.mean([c["perplexity"] for c in cases]))
@@ -247,6 +257,18 @@ def _write_case_outputs(result: CaseEvaluation, case: EvalCase, sample: SparseSa
                          centre, sample.resolution, background, summary)
 
 
+def warn_if_collapsed(result: CaseEvaluation) -> None:
+    """One loud stderr line for a case without a reconstructed surface (also when ``quiet``): its surface
+    metrics are undefined and its others describe a model that learned nothing, which a mean would hide."""
+    if not result.metrics["collapsed"]:
+        return
+    box = result.recon_box
+    reason = no_surface_reason(box.values[box.known], result.recon_mesh.num_faces)
+    print(f"ctvq eval: WARNING: collapse: case {result.metrics['case_id']}: no reconstructed surface "
+          f"({reason}); the checkpoint has likely collapsed (look for 'WARNING: collapse:' in its training "
+          "log)", file=sys.stderr, flush=True)
+
+
 def _print_case(number: int, total: int, split: str, result: CaseEvaluation) -> None:
     m = result.metrics
     chamfer = "n/a" if m["chamfer_l1_mm"] is None else f"{m['chamfer_l1_mm']:.3f} mm"
@@ -293,6 +315,7 @@ def run_evaluation(loaded: LoadedModel, settings: DataSettings, data: str | os.P
     counts: list[np.ndarray] = []
     for number, (case, sample) in enumerate(samples, start=1):
         result = evaluate_case(loaded, sample, points=points, seed=seed)
+        warn_if_collapsed(result)
         cases.append({"case_id": sample.case_id, "split": case.split, **result.metrics})
         counts.append(result.counts)
         _write_case_outputs(result, case, sample, output_dir, meshes=meshes, figures=figures,

@@ -129,6 +129,23 @@ def sparse_surface(coords: np.ndarray, values: np.ndarray, affine: np.ndarray, l
     return box_surface(dense_box(coords, values), affine, level)
 
 
+def no_surface_reason(values: np.ndarray, num_faces: int, level: float = 0.0) -> str | None:
+    """Why a decoded field has no surface, in words for a user (None when its mesh has triangles).
+
+    Every voxel on one side is what a collapsed decoder produces (sdf saturated at +1 on thin anatomy);
+    both signs but no triangle means the sign changes only next to voxels that were not decoded.
+    """
+    if num_faces > 0:
+        return None
+    values = np.asarray(values).reshape(-1)
+    inside = int(np.count_nonzero(values < level))
+    if inside == 0:
+        return f"all {values.size} decoded voxels are outside (sdf >= {level:g})"
+    if inside == values.size:
+        return f"all {values.size} decoded voxels are inside (sdf < {level:g})"
+    return f"{inside} of {values.size} decoded voxels are inside, but no surface triangle joins them"
+
+
 def write_ply(mesh: Mesh, path: str | os.PathLike) -> None:
     """Binary PLY (vertices in mm), atomically; 3D Slicer, MeshLab and trimesh read it."""
     import trimesh
@@ -139,5 +156,5 @@ def write_ply(mesh: Mesh, path: str | os.PathLike) -> None:
         tmp.write_bytes(data)
 
 
-__all__ = ["DenseBox", "Mesh", "bounding_box", "box_surface", "dense_box", "sparse_surface", "to_patient_mm",
-           "write_ply"]
+__all__ = ["DenseBox", "Mesh", "bounding_box", "box_surface", "dense_box", "no_surface_reason",
+           "sparse_surface", "to_patient_mm", "write_ply"]

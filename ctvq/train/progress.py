@@ -7,8 +7,10 @@ that the restart repeats) are dropped, so every step appears once.
 from __future__ import annotations
 
 import csv
+import math
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import TextIO
 
@@ -104,12 +106,31 @@ class RunLog:
                 csv.writer(fh).writerow(self._columns)
         extra = sorted(set(values) - set(self._columns))
         if extra:
-            raise ValueError(f"{self.metrics_path}: new metric(s) {extra} not in the file's columns")
+            self._add_columns(extra)
         with open(self.metrics_path, "a", newline="") as fh:
             csv.writer(fh).writerow([step, *(values.get(c, "") for c in self._columns[1:])])
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(key, value, step)
+
+    def _add_columns(self, names: list[str]) -> None:
+        """Widen metrics.csv for metrics that first appear mid-run (the collapse guard's, at ``i_sample``
+        steps) or on resuming a run logged before they existed: earlier rows get empty cells."""
+        with open(self.metrics_path, newline="") as fh:
+            rows = list(csv.reader(fh))[1:]
+        self._columns = [*(self._columns or ["step"]), *names]
+        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+        with open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows([self._columns, *(r + [""] * len(names) for r in rows)])
+        tmp.replace(self.metrics_path)
+
+    def warning(self, step: int, message: str) -> None:
+        """A warning line in the log (console and log.txt) and, with TensorBoard on, as text at ``step``."""
+        if not self.enabled:
+            return
+        self.text(message)
+        if self._writer is not None:
+            self._writer.add_text("warnings", message, step)
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -121,5 +142,37 @@ class RunLog:
             self._writer = None
 
 
-__all__ = ["LOG_NAME", "METRICS_NAME", "TENSORBOARD_DIR", "RateMeter", "RunLog", "format_duration",
-           "truncate_metrics"]
+class LossEnds:
+    """Mean loss of a run's first and last ``window`` steps, so a summary shows the trend of the curve rather
+    than two single noisy steps (a flat, collapsed curve read "0.80 -> 0.16" from one step each).
+
+    ``window`` = min(20, steps // 5), at least 1; non-finite losses (skipped overflow steps) are left out.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.window = max(1, min(20, steps // 5))
+        self.first: list[float] = []
+        self.last: deque[float] = deque(maxlen=self.window)
+
+    def add(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            return
+        if len(self.first) < self.window:
+            self.first.append(loss)
+        self.last.append(loss)
+
+    @property
+    def start(self) -> float:
+        return sum(self.first) / len(self.first) if self.first else math.nan
+
+    @property
+    def end(self) -> float:
+        return sum(self.last) / len(self.last) if self.last else math.nan
+
+    def describe(self) -> str:
+        return (f"loss (mean of first {len(self.first)} steps) {self.start:.5f} -> (last {len(self.last)}) "
+                f"{self.end:.5f}")
+
+
+__all__ = ["LOG_NAME", "METRICS_NAME", "TENSORBOARD_DIR", "LossEnds", "RateMeter", "RunLog",
+           "format_duration", "truncate_metrics"]

@@ -27,12 +27,13 @@ from ctvq.data.collate import collate_sparse
 from ctvq.models import SparseSDFVQVAE
 from ctvq.train import checkpoint as ckpt
 from ctvq.train import distributed as dist_util
+from ctvq.train import guard
 from ctvq.train.clip import build_clipper
 from ctvq.train.ema import ParameterEMA
 from ctvq.train.loader import EpochSampler, build_dataset, build_loader
 from ctvq.train.optim import build_optimizer, build_scheduler, current_lr
 from ctvq.train.precision import Precision
-from ctvq.train.progress import RateMeter, RunLog, format_duration
+from ctvq.train.progress import LossEnds, RateMeter, RunLog, format_duration
 from ctvq.train.rundir import check_same_run, find_resume_point, write_run_files
 from ctvq.train.snapshot import write_snapshot
 
@@ -53,8 +54,9 @@ class TrainSummary:
     start_step: int
     end_step: int
     seconds: float
-    first_loss: float
-    last_loss: float
+    start_loss: float  # mean over the first ``loss_window`` steps of this process (LossEnds)
+    end_loss: float  # mean over its last ``loss_window`` steps
+    loss_window: int
     skipped_steps: int
     final_checkpoint: Path | None
 
@@ -120,6 +122,8 @@ class Trainer:
         self.model = model.to(self.device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.trainable_names = [n for n, _ in named]
+        # The collapse guard watches runs whose decoder learns (a frozen one cannot collapse, nor recover).
+        self.guarded = any(n.startswith("decoder.") for n in self.trainable_names)
         self.precision = Precision(t.fp16_mode, [p for _, p in named], self.device, t.fp16_scale_growth)
         self.optimizer = build_optimizer(t.optimizer, self.precision.optimizer_params()) if named else None
         self.scheduler = build_scheduler(t.lr_scheduler, self.optimizer) if self.optimizer else None
@@ -136,6 +140,7 @@ class Trainer:
         epochs_cap = t.max_epoch * self.steps_per_epoch if t.max_epoch is not None else t.max_steps
         self.total_steps = min(t.max_steps, epochs_cap)
         self.step = self.epoch = self.batch_in_epoch = self.skipped = 0
+        self.grad_state = guard.GradState()
         torch.manual_seed(t.seed * 7919 + 1 + self.info.rank)  # per-rank stream for the run's random choices
         if resume is not None:
             self._load(resume)
@@ -173,6 +178,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "precision": self.precision.state_dict(),
                 "clipper": self.clipper.state_dict() if self.clipper else None,
+                "guard": guard.grad_state_dict(self.grad_state),
             }
             ckpt.save_set(self.ckpt_dir, step, ckpt.model_payload(self.model_state(), config, stage, step),
                           emas, misc)
@@ -204,6 +210,7 @@ class Trainer:
             self.clipper.load_state_dict(misc["clipper"])
         self.step, self.epoch, self.batch_in_epoch = step, misc["epoch"], misc["batch_in_epoch"]
         self.skipped = misc["skipped"]
+        self.grad_state = guard.grad_state_from_dict(misc.get("guard"))
         _set_rng_state(misc["rng"][self.info.rank], self.device)
         if self.info.is_main:
             ckpt.remove_stale_temp(point.ckpt_dir)
@@ -280,6 +287,30 @@ class Trainer:
         logs["loss_scale"] = self.precision.loss_scale
         return logs, kept
 
+    # -- the collapse guard (ctvq.train.guard) ------------------------------------------------------------
+    def _sample_and_guard(self, step: int, grad_norm: float,
+                          kept: tuple[dict[str, Any], dict[str, Any]] | None) -> dict[str, float]:
+        """Rank 0: feed the gradient guard; at ``i_sample`` steps (``kept``) write the snapshot and check the
+        batch's reconstruction has a surface. Warnings go to the log; the check's scalars are returned for
+        this step's metrics row, or logged in a row of their own when the step logs no means."""
+        if kept is not None and not self.t.disable_snapshot:
+            write_snapshot(self.out / "samples" / f"step{step:07d}.png", kept[0], kept[1], step)
+        if not (self.info.is_main and self.guarded):
+            return {}
+        self.grad_state = guard.update_grad_state(self.grad_state, grad_norm)
+        if self.grad_state.fired:
+            self.log.warning(step, guard.grad_message(step, grad_norm, self.grad_state))
+        if kept is None:
+            return {}
+        recon = kept[1]["recon"]
+        check = guard.surface_check(recon.coords, recon.feats[:, 0], kept[1]["target"])
+        if guard.surface_warning_due(step, check):
+            self.log.warning(step, guard.surface_message(step, check))
+        if step % self.t.i_log and step != self.total_steps:
+            self.log.scalars(step, check.scalars())
+            return {}
+        return check.scalars()
+
     # -- the loop ------------------------------------------------------------------------------------------
     def run(self) -> TrainSummary:
         t, log = self.t, self.log
@@ -302,7 +333,7 @@ class Trainer:
                      "codebook is fitted by k-means on the encoder outputs at the end")
         meter = RateMeter(start, self.total_steps)
         window: dict[str, list[float]] = {}
-        first_loss = last_loss = math.nan
+        ends = LossEnds(self.total_steps - start)
         data_time = step_time = 0.0
         iterator = None
         t0 = time.perf_counter()
@@ -315,8 +346,9 @@ class Trainer:
             micro = next(iterator)
             toc = time.perf_counter()
             step = self.step + 1
-            snap = self.info.is_main and not t.disable_snapshot and step % t.i_sample == 0
-            logs, kept = self.train_step(micro, keep_output=snap)
+            sample_step = (self.info.is_main and step % t.i_sample == 0
+                           and (self.guarded or not t.disable_snapshot))
+            logs, kept = self.train_step(micro, keep_output=sample_step)
             self.step = step
             self.batch_in_epoch += 1
             if self.batch_in_epoch >= self.steps_per_epoch:
@@ -326,17 +358,15 @@ class Trainer:
             step_time += time.perf_counter() - tic
             for key, value in logs.items():
                 window.setdefault(key, []).append(value)
-            first_loss = logs["loss"] if math.isnan(first_loss) else first_loss
-            last_loss = logs["loss"]
-            if kept is not None:
-                write_snapshot(self.out / "samples" / f"step{step:07d}.png", kept[0], kept[1], step)
+            ends.add(logs["loss"])
+            guard_scalars = self._sample_and_guard(step, logs["grad_norm"], kept)
             if step % t.i_log == 0 or step == self.total_steps:
                 means = {k: _finite_mean(v) for k, v in window.items()}
                 means = dist_util.all_mean(means, self.device)
                 means["skipped_steps"] = float(self.skipped)
                 means["steps_per_s"] = meter.rate(step)
                 means["data_time_share"] = data_time / step_time if step_time > 0 else math.nan
-                log.scalars(step, means)
+                log.scalars(step, {**means, **guard_scalars})
                 window = {}
             if step % t.i_print == 0 or step == self.total_steps:
                 log.text(f"step {step}/{self.total_steps}  loss {logs['loss']:.5f}  "
@@ -351,10 +381,10 @@ class Trainer:
             self.fit_codebook()
         final = self.write_final()
         seconds = time.perf_counter() - t0
-        log.text(f"done: steps {start}->{self.step} in {format_duration(seconds)}, loss {first_loss:.5f} -> "
-                 f"{last_loss:.5f}, skipped steps {self.skipped}, final checkpoint {final}")
+        log.text(f"done: steps {start}->{self.step} in {format_duration(seconds)}, {ends.describe()}, "
+                 f"skipped steps {self.skipped}, final checkpoint {final}")
         log.close()
-        return TrainSummary(start, self.step, seconds, first_loss, last_loss, self.skipped, final)
+        return TrainSummary(start, self.step, seconds, ends.start, ends.end, ends.window, self.skipped, final)
 
 
 __all__ = ["LOSS_KEYS", "RunOptions", "TrainSummary", "Trainer"]

@@ -1,5 +1,6 @@
 # Evaluation of the stage-2 model on the window's samples: metrics.json (DVC metrics), per-case figures and
-# meshes, training curves (DVC plots).
+# meshes, training curves (DVC plots). When no case has a reconstructed surface (a collapsed tokenizer)
+# `ctvq eval` exits 3 and the job fails; evaluate.allow_collapse: true passes --allow-collapse.
 
 
 rule evaluate:
@@ -15,9 +16,10 @@ rule evaluate:
         out_dir=lambda wc: f"{RESULTS}/eval/{wc.window}",
         train_log=lambda wc: f"{RESULTS}/train/{wc.window}/stage2/metrics.csv",
         windowed=lambda wc: f"{RESULTS}/windowed/{wc.window}",
+        allow_collapse="--allow-collapse" if config["evaluate"]["allow_collapse"] else "",
     threads: TRAIN["threads"]
     resources:
         mem_mb=TRAIN["mem_mb"],
     shell:
         "{CTVQ} eval --ckpt {input.ckpt} --data {input.manifest} -o {output.metrics} --output-dir {params.out_dir}"
-        " --train-log {params.train_log} --windowed-dir {params.windowed} > {log} 2>&1"
+        " --train-log {params.train_log} --windowed-dir {params.windowed} {params.allow_collapse} > {log} 2>&1"
