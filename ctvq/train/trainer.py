@@ -4,7 +4,8 @@ Stage 1 freezes encoder and decoder (before any DDP wrap) and trains the codeboo
 from the WHOLE stage-1 model. One step = one batch of ``batch_size_per_gpu`` samples per rank, split by
 samples into micro-batches whose gradients accumulate. Each micro-batch's loss is weighted by its share of
 the batch's latent voxels: the losses are means over latent voxels (VQ terms) and over their 512 decoded
-children each (reconstruction, without chunking), so the accumulated gradient equals the full batch's.
+children each (reconstruction, without chunking), so the accumulated gradient equals the full batch's
+under ``recon_weighting: uniform``; ``balanced`` takes its group shares per micro-batch (close, not equal).
 """
 
 from __future__ import annotations
