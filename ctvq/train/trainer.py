@@ -1,4 +1,4 @@
-"""The two-stage VQ-VAE trainer (TRELLIS trainer semantics; see DESIGN.md section 5).
+"""The two-stage VQ-VAE trainer (TRELLIS trainer semantics).
 
 Stage 1 freezes encoder and decoder (before any DDP wrap) and trains the codebook; stage 2 trains everything
 from the WHOLE stage-1 model. One step = one batch of ``batch_size_per_gpu`` samples per rank, split by
