@@ -3,7 +3,7 @@
 Voxels form spherical shells (surface-like, as a narrow-band SDF is), one per sample, batch size 1. The torch
 backend is always timed (torch threads: --threads, default 1); on CPU the spconv backend is timed forward-only
 and single-threaded when spconv imports (its CPU backward needs CUDA and its CPU scatter is racy with more
-threads, FACTS.md), on CUDA forward and forward+backward, together with its largest difference from the torch
+threads), on CUDA forward and forward+backward, together with its largest difference from the torch
 backend. On CUDA both torch-backend paths (implicit GEMM, pair lists) are also timed forced. Writes JSON.
 
     .venv/bin/python bench/sparse_conv.py [--voxels 5000 20000 80000] [--channels 32 64 128] [--threads 1]
@@ -108,7 +108,7 @@ def bench_one(n_target: int, channels: int, repeats: int, device: torch.device) 
             conv.backend = SparseBackend.TORCH
     elif spconv_available():
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the CPU wheel's scatter is racy with more threads (FACTS.md)
+        torch.set_num_threads(1)  # the CPU wheel's scatter is racy with more threads
         try:
             conv.backend = SparseBackend.SPCONV
             row["spconv_forward_s"] = time_call(fwd, repeats, device)

@@ -13,7 +13,7 @@ from ctvq.sparse.attention import (
 )
 from ctvq.sparse.attention.rope import apply_rope, rope_phases
 
-# From ../shared/facts/direct3d_s2_sparse_vae_512.tsv, `encoder.blocks.0.` prefix removed.
+# From the Direct3D-S2 512 sparse VAE state dict, `encoder.blocks.0.` prefix removed.
 FACT_BLOCK_KEYS = {
     "attn.to_qkv.weight": (1536, 512),
     "attn.to_qkv.bias": (1536,),

@@ -20,7 +20,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "vqvae"
 STAGE1 = {"trainer": {"args": {"training_stage": 1}}}
 STAGE2 = {"trainer": {"args": {"training_stage": 2, "pretrained_vae_path": "ckpt.pt"}}}
 
-# Written by hand from CONFIG_REFERENCE.zh.md, not from the schema: (attribute, stage-1, stage-2 default).
+# Written by hand from the configuration reference, not the schema: (attribute, stage-1, stage-2 default).
 REFERENCE_DEFAULTS = [
     ("model.resolution", 64, 64),
     ("model.model_channels", 512, 512),

@@ -87,7 +87,7 @@ def test_explicit_spconv_without_the_package_fails_clearly() -> None:
 def test_spconv_backend_agrees_with_torch_backend() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU wheel's scatter is racy with more threads (FACTS.md)
+    torch.set_num_threads(1)  # the CPU wheel's scatter is racy with more threads
     try:
         x = _random_sparse(channels=8, dtype=torch.float32).to(device)
         conv = SparseConv3d(8, 16).to(device)

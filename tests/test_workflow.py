@@ -159,7 +159,7 @@ def test_slurm_profile_runs_every_job_under_slurm_with_outputs_equal_to_a_local_
         workdir.mkdir()
         _write_config(workdir, inputs={"phantoms": 1})
     assert _snakemake(local, "--cores", "2", "preprocess").returncode == 0
-    # The plugin can hang on status polling (FACTS.md): a hard timeout keeps the suite bounded.
+    # The plugin can hang on status polling: a hard timeout keeps the suite bounded.
     run = _snakemake(cluster, "--profile", str(ROOT / "workflow" / "profiles" / "slurm-local"), timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     submitted = re.findall(r"submitted with SLURM jobid (\d+)", run.stdout + run.stderr)

@@ -1,6 +1,6 @@
 """The config schema: frozen dataclasses, one per section, with the reference's defaults.
 
-Every field of CONFIG_REFERENCE.zh.md is here with its documented default; fields ctvq adds beyond the
+Every field of the configuration reference is here with its documented default; fields ctvq adds beyond the
 reference are marked "ctvq:" in the comments. Stage-dependent defaults (``stage=(stage 1, stage 2)``) resolve
 from ``trainer.args.training_stage``. Build instances with :func:`ctvq.config.load_config` /
 :func:`ctvq.config.config_from_dict`, which validate; ``to_dict()`` gives the fully resolved JSON form.

@@ -81,7 +81,7 @@ def submanifold_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor
     """Output features [N, out] of spconv's SubMConv3d applied with a torchsparse-layout kernel.
 
     On CPU spconv runs forward only (its backward calls CUDA APIs) and its scatter is racy with more than one
-    torch thread (see FACTS.md); use it there for comparisons only.
+    torch thread; use it there for comparisons only.
     """
     spconv_torch = _import_spconv()
     weight = torchsparse_to_spconv_kernel(kernel)
