@@ -125,7 +125,8 @@ class DatasetConfig:
     ctvq extras: ``window_type`` also accepts "custom", which then needs ``window_width`` (> 0) and
     ``window_level`` in HU (both must be absent for the named windows); ``band`` is the SDF truncation in
     voxels; ``iso_value`` is the surface level on the windowed [0, 1] scale (0.5 = the window level);
-    ``seed`` makes max_points crops deterministic.
+    ``seed`` makes max_points crops deterministic; ``augment`` draws a symmetry of the voxel cube per training
+    item (``flips``: axis flips, ``cube``: flips and axis orders), exact on the sparse sample.
     """
 
     name: Literal["CTWindowSparseSDF", "SparseSDF"] = spec("CTWindowSparseSDF")
@@ -141,6 +142,7 @@ class DatasetConfig:
     band: float = spec(3.0, check=POSITIVE)
     iso_value: float = spec(0.5, check=OPEN_UNIT)
     seed: int = spec(0, check=NON_NEGATIVE)
+    augment: Literal["none", "flips", "cube"] = spec("none")  # ctvq: see ctvq.data.augment
 
     def window(self) -> tuple[float, float]:
         """(width, level) in HU of this dataset's window."""

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from ctvq.ct.splits import SPLITS
 from ctvq.ct.windows import CUSTOM, WINDOWS
+from ctvq.data.augment import AUGMENTS, apply_symmetry, random_symmetry
 from ctvq.data.crop import crop_to_budget
 from ctvq.data.sample import (
     SampleFormatError,
@@ -240,7 +241,10 @@ class _SparseDataset(Dataset):
         band: float,
         iso_value: float,
         seed: int,
+        augment: str = "none",
     ) -> None:
+        if augment not in AUGMENTS:
+            raise DatasetError(f"augment={augment!r}; use one of {AUGMENTS}")
         for name, value, low in (("resolution", resolution, 8), ("min_points", min_points, 0),
                                  ("max_points", max_points, 1), ("seed", seed, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -257,6 +261,7 @@ class _SparseDataset(Dataset):
         self.band = float(band)
         self.iso_value = float(iso_value)
         self.seed = seed
+        self.augment = augment
         # Shared memory, so set_epoch reaches persistent DataLoader workers too.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.filtered: list[tuple[str, str]] = []
@@ -389,6 +394,8 @@ class _SparseDataset(Dataset):
         sample = self._cache[index] if self._cache is not None else self._load(record)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         cropped = crop_to_budget(sample, self.max_points, rng)
+        if self.augment != "none":
+            cropped = apply_symmetry(cropped, *random_symmetry(rng, self.augment))
         return sample_to_item(cropped, num_points_full=sample.num_points)
 
 
@@ -407,10 +414,11 @@ class SparseSDF(_SparseDataset):
         band: float = 3.0,
         iso_value: float = 0.5,
         seed: int = 0,
+        augment: str = "none",
     ) -> None:
         super().__init__(source, window=None, resolution=resolution, min_points=min_points,
                          max_points=max_points, cache_data=cache_data, precompute_sparse=precompute_sparse,
-                         band=band, iso_value=iso_value, seed=seed)
+                         band=band, iso_value=iso_value, seed=seed, augment=augment)
 
 
 class CTWindowSparseSDF(_SparseDataset):
@@ -436,8 +444,9 @@ class CTWindowSparseSDF(_SparseDataset):
         seed: int = 0,
         window_width: float | None = None,
         window_level: float | None = None,
+        augment: str = "none",
     ) -> None:
         window = resolve_window(window_type, window_width, window_level)
         super().__init__(source, window=window, resolution=resolution, min_points=min_points,
                          max_points=max_points, cache_data=cache_data, precompute_sparse=precompute_sparse,
-                         band=band, iso_value=iso_value, seed=seed)
+                         band=band, iso_value=iso_value, seed=seed, augment=augment)
