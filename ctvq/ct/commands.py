@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ctvq.cli import Command, register_command
 from ctvq.ct.band import load_band, save_band
-from ctvq.ct.errors import CTInputError
+from ctvq.ct.errors import CTInputError, warnings_as_lines
 from ctvq.ct.index import build_index
 from ctvq.ct.io import FILE_SUFFIXES, write_ct, write_dicom_series
 from ctvq.ct.manifest import manifest_table, write_manifest
@@ -57,7 +57,8 @@ def run_window(source: Path, output: Path, window_name: str, width: float | None
     window = get_window(window_name, width, level)
     case = case_id or default_case_id(source)
     clock = _Clock("window", case, quiet)
-    volume = window_scan(source, window, resolution, case)
+    with warnings_as_lines("ctvq window"):
+        volume = window_scan(source, window, resolution, case)
     clock.log(f"read, resampled to {resolution}^3 and windowed ({window.name} W={window.width:g} "
               f"L={window.level:g})")
     save_windowed(volume, output)

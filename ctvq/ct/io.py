@@ -2,23 +2,37 @@
 
 Arrays are indexed (x, y, z), the order of SimpleITK's image index and of the sample contract; SimpleITK's
 numpy view is (z, y, x), so every conversion transposes exactly here and nowhere else.
+
+A damaged scan is refused before it can become training data, because SimpleITK often reads one without
+complaint: a NIfTI file cut short is zero-filled (0 HU, a slab of soft tissue), a zero or NaN NIfTI pixdim
+becomes 1 mm, a DICOM series with a missing slice or two volumes under one series UID is stacked with an
+averaged slice spacing. So the header is checked on its own (size against memory, spacing, NIfTI pixdim
+and data length, decompressing a ``.nii.gz`` once to count its bytes), DICOM slice positions are checked
+for duplicates and gaps, and ITK's own diagnostics on the C++ stderr are captured and turned into one line.
 """
 
 from __future__ import annotations
 
+import gzip
+import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import SimpleITK as sitk
 
 from ctvq.ct.atomic import atomic_directory, atomic_output
-from ctvq.ct.errors import CTInputError
+from ctvq.ct.errors import CTInputError, CTInputWarning
+
+_T = TypeVar("_T")
 
 FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 AIR_HU = -1024.0
@@ -31,6 +45,17 @@ _PADDING_BELOW_HU = -1500.0  # no tissue or air noise is this low: only padding
 _MAX_PLAUSIBLE_HU = 32767.0
 _AIR_BELOW_HU = -700.0
 _MIN_AIR_FRACTION = 1e-3
+
+# Voxel sizes outside this range are legal but almost always a unit mistake in the header (micrometres or
+# centimetres written as millimetres): warned about, not refused.
+MIN_PLAUSIBLE_SPACING_MM = 0.05
+MAX_PLAUSIBLE_SPACING_MM = 20.0
+# Reading holds the float32 ITK image, its float32 numpy copy and, for a non-LPS scan, the reoriented copy.
+_READ_BYTES_PER_VOXEL = 12
+# DICOM slice positions are written with a few decimals: closer than this is the same position.
+_SAME_POSITION_MM = 0.01
+_SPACING_TOLERANCE = 0.01  # relative deviation of a slice gap from the series' step that counts as uneven
+_TRUNCATED = ("not read completely", "fread got only", "bytes but received")
 
 
 @dataclass(frozen=True)
@@ -76,6 +101,7 @@ def read_ct(path: str | os.PathLike, require_volume: bool = True) -> CTImage:
     if require_volume and min(size) < 2:
         raise CTInputError(f"{path}: a single 2-D slice (size {'x'.join(map(str, size))}); "
                            "a 3-D volume is required (give the whole DICOM series folder)")
+    check_geometry(image.GetSpacing(), image.GetDirection(), str(path))
     hu = sitk.GetArrayViewFromImage(image).astype(np.float32).transpose(2, 1, 0)
     check_hu(hu, str(path))
     np.putmask(hu, hu < _PADDING_BELOW_HU, np.float32(AIR_HU))  # field-of-view padding -> air
@@ -86,6 +112,24 @@ def read_ct(path: str | os.PathLike, require_volume: bool = True) -> CTImage:
         direction=tuple(float(d) for d in image.GetDirection()),
         source=str(path),
     )
+
+
+def check_geometry(spacing: tuple[float, ...], direction: tuple[float, ...], source: str) -> None:
+    """Refuse a spacing that is not positive and finite or direction cosines that are not a rotation; warn
+    (CTInputWarning) about a spacing outside the plausible CT range, usually a unit mistake."""
+    mm = "x".join(f"{s:g}" for s in spacing)
+    values = np.asarray(spacing, dtype=np.float64)
+    if not (np.all(np.isfinite(values)) and np.all(values > 0)):
+        raise CTInputError(f"{source}: voxel spacing {mm} mm is not positive and finite (damaged header); "
+                           "fix the spacing in the header or export the scan again")
+    cosines = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    if not np.all(np.isfinite(cosines)) or not np.allclose(cosines.T @ cosines, np.eye(3), atol=1e-3):
+        raise CTInputError(f"{source}: direction cosines {', '.join(f'{c:g}' for c in direction)} are not a "
+                           "rotation (damaged header); fix the orientation in the header or export it again")
+    if values.min() < MIN_PLAUSIBLE_SPACING_MM or values.max() > MAX_PLAUSIBLE_SPACING_MM:
+        warnings.warn(f"{source}: voxel spacing {mm} mm is outside the usual CT range "
+                      f"{MIN_PLAUSIBLE_SPACING_MM:g}..{MAX_PLAUSIBLE_SPACING_MM:g} mm; check the header's "
+                      "units (the scan is used as these millimetres)", CTInputWarning, stacklevel=3)
 
 
 def check_hu(hu: np.ndarray, source: str) -> None:
@@ -127,37 +171,195 @@ def _native_stderr_captured() -> Iterator[list[str]]:
 
 
 def _read_file(path: Path) -> sitk.Image:
+    """Read the header, check it (memory, NIfTI pixdim and data length), then read the voxels."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    _itk_call(path, reader.ReadImageInformation)
+    _check_header_size(path, reader.GetSize(), reader.GetNumberOfComponents())
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti(path)
+    return _itk_call(path, reader.Execute)
+
+
+def _itk_call(path: Path, call: Callable[[], _T]) -> _T:
+    """Run a SimpleITK reader step with its C++ diagnostics captured; a failure becomes one CTInputError."""
     with _native_stderr_captured() as native:
         try:
-            return sitk.ReadImage(str(path), outputPixelType=sitk.sitkFloat32)
+            return call()
         except RuntimeError as exc:
             error = exc
     messages = [*native, *str(error).strip().splitlines()]
-    if any("Unable to determine ImageIO reader" in m for m in messages):
+    raise _unreadable(path, messages) from error
+
+
+def _unreadable(path: Path, messages: list[str]) -> CTInputError:
+    text = " ".join(messages)
+    if any(marker in text for marker in _TRUNCATED):
+        return _truncated(path, "the file ends before the voxel data its header declares")
+    if "Unable to determine ImageIO reader" in text:
         detail = "no reader recognises its format: damaged, truncated or not an image"
     else:
         detail = next((m for m in messages if "required" in m or "cannot" in m.lower()), "damaged file")
         detail = detail.split("): ", 1)[-1].replace(str(path), "").strip(" :")
-    raise CTInputError(f"{path}: not a readable image file ({detail[:160]})") from error
+    return CTInputError(f"{path}: not a readable image file ({detail[:160]})")
+
+
+def _truncated(path: Path, what: str) -> CTInputError:
+    return CTInputError(f"{path}: truncated: {what} (an interrupted download or copy); copy the file again")
+
+
+def _check_header_size(path: Path, size: tuple[int, ...], components: int) -> None:
+    """Refuse a header whose voxel count cannot fit in memory (a damaged or hostile header) before ITK
+    allocates it: the allocation would fail with a C++ error or, worse, be overcommitted and kill the job."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # no sysconf (Windows): no limit but the allocator's
+        return
+    need = math.prod(int(n) for n in size) * max(1, int(components)) * _READ_BYTES_PER_VOXEL
+    if need > memory:
+        voxels = "x".join(map(str, size))
+        raise CTInputError(f"{path}: header declares {voxels} voxels ({need / 2**30:.1f} GiB to read), more "
+                           f"than this machine's {memory / 2**30:.1f} GiB of memory: a damaged header, or "
+                           "crop or downsample the volume first")
+
+
+_NIFTI_FIELDS = ["dim", "bitpix", "pixdim", "vox_offset", "magic"]
+
+
+def _nifti_dtype(version: int, order: str) -> np.dtype:
+    """The fields of a NIfTI-1 (348 bytes) or NIfTI-2 (540 bytes) header that say where the voxels are."""
+    if version == 1:
+        formats = [(f"{order}i2", (8,)), f"{order}i2", (f"{order}f4", (8,)), f"{order}f4", "S4"]
+        return np.dtype({"names": _NIFTI_FIELDS, "formats": formats, "offsets": [40, 72, 76, 108, 344],
+                         "itemsize": 348})
+    formats = [(f"{order}i8", (8,)), f"{order}i2", (f"{order}f8", (8,)), f"{order}i8", "S8"]
+    return np.dtype({"names": _NIFTI_FIELDS, "formats": formats, "offsets": [16, 14, 104, 168, 4],
+                     "itemsize": 540})
+
+
+def _nifti_header(raw: bytes) -> np.void | None:
+    """The parsed single-file NIfTI-1/2 header in ``raw``, or None if it is not one."""
+    for version, size in ((1, 348), (2, 540)):
+        for order in "<>":
+            if len(raw) >= size and int(np.frombuffer(raw, f"{order}i4", 1)[0]) == size:
+                header = np.frombuffer(raw, _nifti_dtype(version, order), 1)[0]
+                return header if bytes(header["magic"]).startswith((b"n+1", b"n+2")) else None
+    return None
+
+
+def _check_nifti(path: Path) -> None:
+    """Check the NIfTI header itself, because ITK hides two faults: a pixdim that is zero, negative or NaN
+    (read as 1 mm or as a negative spacing) and voxel data shorter than the header declares (zero-filled)."""
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
+            header = _nifti_header(fh.read(540))
+    except EOFError as exc:
+        raise _truncated(path, "the compressed header ends early") from exc
+    except (OSError, zlib.error) as exc:
+        raise CTInputError(f"{path}: not a readable image file (damaged compressed data: {exc})") from exc
+    if header is None:
+        return
+    ndim = int(header["dim"][0])
+    if not 1 <= ndim <= 7:
+        raise CTInputError(f"{path}: NIfTI header has dim[0] = {ndim}, not 1..7 (damaged header)")
+    pixdim = [float(p) for p in header["pixdim"][1:min(ndim, 3) + 1]]
+    if not all(math.isfinite(p) and p > 0 for p in pixdim):
+        mm = " x ".join(f"{p:g}" for p in pixdim)
+        raise CTInputError(f"{path}: NIfTI voxel size (pixdim) {mm} mm is not "
+                           "positive and finite (SimpleITK would silently use 1 mm or a negative spacing); "
+                           "fix pixdim in the header or export the scan again")
+    dims = [int(n) for n in header["dim"][1:ndim + 1]]
+    bitpix = int(header["bitpix"])
+    if min(dims) < 1 or bitpix < 1:
+        return  # ITK refuses or handles these itself
+    expected = int(header["vox_offset"]) + math.prod(dims) * bitpix // 8
+    found = _gzip_length(path) if compressed else path.stat().st_size
+    if found < expected:
+        raise _truncated(path, f"the header declares {expected} bytes of header and voxels, the "
+                               f"{'decompressed ' if compressed else ''}file holds {found}")
+
+
+def _gzip_length(path: Path) -> int:
+    """Decompressed length of a gzip file, reading it once in 4 MiB blocks (about 0.1 s per 100 MB here);
+    the CRC check of the gzip module also catches damage inside the stream."""
+    total = 0
+    block = memoryview(bytearray(1 << 22))
+    try:
+        with gzip.open(path, "rb") as fh:
+            while n := fh.readinto(block):
+                total += n
+    except EOFError as exc:
+        raise _truncated(path, "the compressed data ends before its end-of-stream marker") from exc
+    except (OSError, zlib.error) as exc:
+        raise CTInputError(f"{path}: not a readable image file (damaged compressed data: {exc}); "
+                           "copy the file again") from exc
+    return total
 
 
 def _read_dicom_series(path: Path) -> sitk.Image:
     if not any(path.iterdir()):
         raise CTInputError(f"{path}: folder is empty (expected a DICOM series)")
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(path))
+    with _native_stderr_captured():
+        series = reader.GetGDCMSeriesIDs(str(path))
     if not series:
         raise CTInputError(f"{path}: folder holds no DICOM series")
     if len(series) > 1:
         raise CTInputError(f"{path}: folder holds {len(series)} DICOM series ({', '.join(series[:3])}...); "
                            "give a folder with exactly one")
-    files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+    with _native_stderr_captured():
+        files = reader.GetGDCMSeriesFileNames(str(path), series[0])
     reader.SetFileNames(files)
     reader.SetOutputPixelType(sitk.sitkFloat32)
-    try:
-        return reader.Execute()
-    except RuntimeError as exc:
-        raise CTInputError(f"{path}: DICOM series could not be read ({str(exc).strip()[:160]})") from exc
+    reader.MetaDataDictionaryArrayUpdateOn()
+    with _native_stderr_captured() as native:  # ITK's "non uniform sampling" warning: checked below instead
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            detail = next((m for m in native if "rror" in m), str(exc).strip())
+            raise CTInputError(f"{path}: DICOM series could not be read ({detail[:160]})") from exc
+    keys = ("0020|0032", "0020|0037")  # Image Position, Image Orientation (Patient)
+    if all(reader.HasMetaDataKey(i, k) for i in range(len(files)) for k in keys):
+        def tag(i: int, key: str) -> list[float]:
+            return [float(v) for v in reader.GetMetaData(i, key).split("\\")]
+
+        positions = [tag(i, keys[0]) for i in range(len(files))]
+        orientation = tag(0, keys[1])
+        check_slice_positions(np.asarray(positions), np.asarray(orientation), [Path(f).name for f in files],
+                              f"{path}", series[0])
+    return image
+
+
+def check_slice_positions(positions: np.ndarray, orientation: np.ndarray, names: list[str], source: str,
+                          series_uid: str) -> None:
+    """Refuse a DICOM series whose slices are not one evenly spaced stack: two slices at one position (several
+    volumes under one series UID) or an uneven gap (a missing slice). ITK only warns and averages the spacing.
+
+    ``positions`` (N, 3) are the Image Position (Patient) tags, ``orientation`` the six row/column cosines.
+    """
+    if len(positions) < 2:
+        return
+    normal = np.cross(orientation[:3], orientation[3:6])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    gaps = np.diff(along)
+    same = np.flatnonzero(gaps < _SAME_POSITION_MM)
+    if same.size:
+        a, b = names[order[same[0]]], names[order[same[0] + 1]]
+        raise CTInputError(f"{source}: {same.size} pair(s) of slices share a position (first {a} and {b} at "
+                           f"{along[same[0]]:.2f} mm): several volumes (interleaved acquisitions, phases or "
+                           f"echoes) share series UID {series_uid}; put each volume in its own folder")
+    step = float(np.median(gaps))
+    deviation = np.abs(gaps - step)
+    worst = int(np.argmax(deviation))
+    if deviation[worst] > max(_SAME_POSITION_MM, _SPACING_TOLERANCE * step):
+        a, b = names[order[worst]], names[order[worst + 1]]
+        raise CTInputError(f"{source}: slice spacing is not even ({step:g} mm between most slices, "
+                           f"{gaps[worst]:g} mm between {a} and {b}): a slice is missing or the series mixes "
+                           "spacings; give the complete, evenly spaced series")
 
 
 def to_sitk(ct: CTImage, pixel_type: int = sitk.sitkInt16) -> sitk.Image:
@@ -178,8 +380,23 @@ def write_ct(ct: CTImage, path: str | os.PathLike) -> None:
     if not path.name.lower().endswith(FILE_SUFFIXES[:-1]):
         raise CTInputError(f"{path}: unknown output format; use one of {', '.join(FILE_SUFFIXES[:-1])}")
     image = to_sitk(ct)
+    compress = path.suffix.lower() in (".mhd", ".mha", ".nrrd")
     with atomic_output(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=path.suffix.lower() in (".mhd", ".mha", ".nrrd"))
+        _itk_write(path, lambda: sitk.WriteImage(image, str(tmp), useCompression=compress))
+
+
+def _itk_write(target: Path, call: Callable[[], None]) -> None:
+    """Run a SimpleITK writer with its C++ diagnostics captured; a failure (ITK reports a full disk or an
+    unwritable folder as a RuntimeError, not an OSError) becomes one CTInputError naming ``target``."""
+    with _native_stderr_captured() as native:
+        try:
+            return call()
+        except RuntimeError as exc:
+            error = exc
+    detail = next((m for m in [*native, *str(error).strip().splitlines()] if "rror" in m or "annot" in m),
+                  "ITK writer failed").split("): ", 1)[-1].strip(" :")
+    raise CTInputError(f"{target}: cannot write the output ({detail[:160]}): check the free space and that "
+                       "the folder is writable") from error
 
 
 DEFAULT_SERIES_UID = "1.2.826.0.1.3680043.2.1125.1"
@@ -211,4 +428,4 @@ def write_dicom_series(ct: CTImage, folder: str | os.PathLike, series_uid: str =
             for key, value in tags.items():
                 slice_image.SetMetaData(key, value)
             writer.SetFileName(str(tmp / f"slice_{z:04d}.dcm"))
-            writer.Execute(slice_image)
+            _itk_write(Path(folder), lambda image=slice_image: writer.Execute(image))

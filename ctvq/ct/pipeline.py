@@ -13,7 +13,7 @@ from ctvq.ct.band import BandField, compute_band
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.index import build_index
 from ctvq.ct.io import CTImage, read_ct
-from ctvq.ct.resample import resample_to_cube
+from ctvq.ct.resample import canonical_orientation, resample_to_cube
 from ctvq.ct.volume_file import WindowedVolume, load_windowed
 from ctvq.ct.windows import Window
 from ctvq.data.sample import SparseSample
@@ -31,7 +31,12 @@ def default_case_id(path: str | os.PathLike) -> str:
 
 
 def window_image(ct: CTImage, window: Window, resolution: int, case_id: str) -> WindowedVolume:
-    """Resample ``ct`` into the ``resolution``³ cube and apply ``window`` in place (one full-size buffer)."""
+    """Resample ``ct`` into the ``resolution``³ cube and apply ``window`` in place (one full-size buffer).
+
+    The scan is put into LPS orientation first (see ``ctvq.ct.resample``), so the cube, its affine and the
+    recorded spacing (in that axis order) do not depend on how the file stored its axes.
+    """
+    ct = canonical_orientation(ct)
     cube, affine = resample_to_cube(ct, resolution)
     values = window.apply(cube, out=cube)
     lo, hi = float(values.min()), float(values.max())

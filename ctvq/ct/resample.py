@@ -1,4 +1,21 @@
-"""Isotropic resampling into the ``resolution``³ training cube, centred, padded with air, affine kept."""
+"""Isotropic resampling into the ``resolution``³ training cube, centred, padded with air, affine kept.
+
+Every scan is first put into one anatomical orientation, LPS: index x runs towards the patient's left, y
+towards posterior, z towards superior (head). Scanners and converters store the same anatomy in different
+axis orders and signs (NIfTI tools often write RAS, DICOM series come head-first or feet-first), and
+without this step the same spine lands on opposite sides of the cube, so the training data would mix
+mirrored anatomy. LPS is the patient coordinate system of DICOM and of ITK, so an axis-aligned scan in LPS
+has the identity direction matrix and its cube affine is just the voxel size and an origin.
+
+The reorientation (SimpleITK's DICOMOrient) permutes and flips axes only: voxel values are moved, never
+interpolated, and origin, spacing and direction are rewritten so the voxel -> patient-mm affine still maps
+every voxel to the same physical point (meshes stay in patient mm). An oblique scan (tilted gantry,
+rotated acquisition) gets the axis-aligned orientation closest to its direction cosines; the remaining
+rotation (each axis within 55 degrees of L, P or S, in practice a few degrees of tilt) is kept, not
+resampled away: the cube takes the reoriented scan's direction, so its affine holds that rotation exactly
+and no extra interpolation is spent on it. Cubes of a tilted and an untilted scan of one patient therefore
+differ by that small rotation; the affine says by how much.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +26,7 @@ from ctvq.ct.errors import CTInputError
 from ctvq.ct.io import AIR_HU, CTImage, to_sitk
 
 STANDARD_RESOLUTIONS = (256, 512, 1024)
+CANONICAL_ORIENTATION = "LPS"
 
 
 def check_resolution(resolution: int) -> None:
@@ -18,10 +36,30 @@ def check_resolution(resolution: int) -> None:
     raise CTInputError(f"resolution {resolution}: use 256, 512, 1024 or a multiple of 8 that is >= 64")
 
 
+def orientation_of(ct: CTImage) -> str:
+    """Three letters naming where the scan's index axes point (closest axis for oblique scans), e.g. "RAS"."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ct.direction)
+
+
+def canonical_orientation(ct: CTImage) -> CTImage:
+    """``ct`` with its axes permuted and flipped into LPS (returned as is if already there); lossless."""
+    if orientation_of(ct) == CANONICAL_ORIENTATION:
+        return ct
+    image = sitk.DICOMOrient(to_sitk(ct, pixel_type=sitk.sitkFloat32), CANONICAL_ORIENTATION)
+    return CTImage(
+        hu=sitk.GetArrayFromImage(image).transpose(2, 1, 0),
+        spacing=tuple(float(s) for s in image.GetSpacing()),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in image.GetOrigin()),  # type: ignore[arg-type]
+        direction=tuple(float(d) for d in image.GetDirection()),
+        source=ct.source,
+    )
+
+
 def cube_geometry(ct: CTImage, resolution: int) -> np.ndarray:
     """4x4 affine of the output cube: isotropic voxels, the longest physical axis spans ``resolution``.
 
-    The scan's extent (voxel edges included) is centred in the cube; the cube keeps the scan's direction.
+    The scan's extent (voxel edges included) is centred in the cube; the cube keeps the scan's direction
+    (``resample_to_cube`` passes the scan in canonical orientation).
     """
     size = np.asarray(ct.shape, dtype=np.float64)
     spacing = np.asarray(ct.spacing, dtype=np.float64)
@@ -37,7 +75,7 @@ def cube_geometry(ct: CTImage, resolution: int) -> np.ndarray:
 
 
 def resample_to_cube(ct: CTImage, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (HU cube float32 (R, R, R) indexed x, y, z; affine voxel -> mm).
+    """Return (HU cube float32 (R, R, R) indexed x, y, z; affine voxel -> mm) of ``ct`` in LPS orientation.
 
     Linear interpolation; voxels outside the scan get air (-1024 HU). The cube is the transposed view of
     SimpleITK's (z, y, x) buffer, so it is Fortran-ordered (x fastest in memory). Asking SimpleITK for the
@@ -45,6 +83,7 @@ def resample_to_cube(ct: CTImage, resolution: int) -> tuple[np.ndarray, np.ndarr
     and a transposing copy costs more than the resampling itself (measured).
     """
     check_resolution(resolution)
+    ct = canonical_orientation(ct)
     affine = cube_geometry(ct, resolution)
     step = float(np.linalg.norm(affine[:3, 0]))
     direction = affine[:3, :3] / step
