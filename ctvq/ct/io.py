@@ -101,7 +101,8 @@ def read_ct(path: str | os.PathLike, require_volume: bool = True) -> CTImage:
     if require_volume and min(size) < 2:
         raise CTInputError(f"{path}: a single 2-D slice (size {'x'.join(map(str, size))}); "
                            "a 3-D volume is required (give the whole DICOM series folder)")
-    check_geometry(image.GetSpacing(), image.GetDirection(), str(path))
+    if path.is_dir():  # a file's header was checked before its voxels were read
+        check_geometry(image.GetSpacing(), image.GetDirection(), str(path))
     hu = sitk.GetArrayViewFromImage(image).astype(np.float32).transpose(2, 1, 0)
     check_hu(hu, str(path))
     np.putmask(hu, hu < _PADDING_BELOW_HU, np.float32(AIR_HU))  # field-of-view padding -> air
@@ -122,8 +123,9 @@ def check_geometry(spacing: tuple[float, ...], direction: tuple[float, ...], sou
     if not (np.all(np.isfinite(values)) and np.all(values > 0)):
         raise CTInputError(f"{source}: voxel spacing {mm} mm is not positive and finite (damaged header); "
                            "fix the spacing in the header or export the scan again")
-    cosines = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    if not np.all(np.isfinite(cosines)) or not np.allclose(cosines.T @ cosines, np.eye(3), atol=1e-3):
+    n = len(values)
+    cosines = np.asarray(direction, dtype=np.float64).reshape(n, n)
+    if not np.all(np.isfinite(cosines)) or not np.allclose(cosines.T @ cosines, np.eye(n), atol=1e-3):
         raise CTInputError(f"{source}: direction cosines {', '.join(f'{c:g}' for c in direction)} are not a "
                            "rotation (damaged header); fix the orientation in the header or export it again")
     if values.min() < MIN_PLAUSIBLE_SPACING_MM or values.max() > MAX_PLAUSIBLE_SPACING_MM:
@@ -179,6 +181,7 @@ def _read_file(path: Path) -> sitk.Image:
     _check_header_size(path, reader.GetSize(), reader.GetNumberOfComponents())
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti(path)
+    check_geometry(reader.GetSpacing(), reader.GetDirection(), str(path))
     return _itk_call(path, reader.Execute)
 
 
@@ -224,17 +227,18 @@ def _check_header_size(path: Path, size: tuple[int, ...], components: int) -> No
                            "crop or downsample the volume first")
 
 
-_NIFTI_FIELDS = ["dim", "bitpix", "pixdim", "vox_offset", "magic"]
+_NIFTI_FIELDS = ["dim", "datatype", "bitpix", "pixdim", "vox_offset", "magic"]
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # datatype codes of float32 and float64 voxels
 
 
 def _nifti_dtype(version: int, order: str) -> np.dtype:
     """The fields of a NIfTI-1 (348 bytes) or NIfTI-2 (540 bytes) header that say where the voxels are."""
     if version == 1:
-        formats = [(f"{order}i2", (8,)), f"{order}i2", (f"{order}f4", (8,)), f"{order}f4", "S4"]
-        return np.dtype({"names": _NIFTI_FIELDS, "formats": formats, "offsets": [40, 72, 76, 108, 344],
+        formats = [(f"{order}i2", (8,)), f"{order}i2", f"{order}i2", (f"{order}f4", (8,)), f"{order}f4", "S4"]
+        return np.dtype({"names": _NIFTI_FIELDS, "formats": formats, "offsets": [40, 70, 72, 76, 108, 344],
                          "itemsize": 348})
-    formats = [(f"{order}i8", (8,)), f"{order}i2", (f"{order}f8", (8,)), f"{order}i8", "S8"]
-    return np.dtype({"names": _NIFTI_FIELDS, "formats": formats, "offsets": [16, 14, 104, 168, 4],
+    formats = [(f"{order}i8", (8,)), f"{order}i2", f"{order}i2", (f"{order}f8", (8,)), f"{order}i8", "S8"]
+    return np.dtype({"names": _NIFTI_FIELDS, "formats": formats, "offsets": [16, 12, 14, 104, 168, 4],
                      "itemsize": 540})
 
 
@@ -249,8 +253,9 @@ def _nifti_header(raw: bytes) -> np.void | None:
 
 
 def _check_nifti(path: Path) -> None:
-    """Check the NIfTI header itself, because ITK hides two faults: a pixdim that is zero, negative or NaN
-    (read as 1 mm or as a negative spacing) and voxel data shorter than the header declares (zero-filled)."""
+    """Check a NIfTI file itself, because ITK hides three faults: a pixdim that is zero, negative or NaN (read
+    as 1 mm or as a negative spacing), voxel data shorter than the header declares (zero-filled) and NaN or
+    infinite float voxels (read as 0)."""
     compressed = path.name.lower().endswith(".gz")
     try:
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
@@ -274,28 +279,46 @@ def _check_nifti(path: Path) -> None:
     bitpix = int(header["bitpix"])
     if min(dims) < 1 or bitpix < 1:
         return  # ITK refuses or handles these itself
-    expected = int(header["vox_offset"]) + math.prod(dims) * bitpix // 8
-    found = _gzip_length(path) if compressed else path.stat().st_size
-    if found < expected:
-        raise _truncated(path, f"the header declares {expected} bytes of header and voxels, the "
+    offset, data_bytes = int(header["vox_offset"]), math.prod(dims) * bitpix // 8
+    floats = _NIFTI_FLOATS.get(int(header["datatype"]))
+    dtype = None if floats is None else header.dtype["bitpix"].str[0] + floats  # the header's byte order
+    if compressed or dtype is not None:
+        found, nonfinite = _scan_data(path, compressed, offset, data_bytes, dtype)
+    else:
+        found, nonfinite = path.stat().st_size, 0
+    if found < offset + data_bytes:
+        raise _truncated(path, f"the header declares {offset + data_bytes} bytes of header and voxels, the "
                                f"{'decompressed ' if compressed else ''}file holds {found}")
+    if nonfinite:
+        raise CTInputError(f"{path}: image holds NaN or infinite values, not CT HU ({nonfinite} voxels; "
+                           "SimpleITK would read them as 0)")
 
 
-def _gzip_length(path: Path) -> int:
-    """Decompressed length of a gzip file, reading it once in 4 MiB blocks (about 0.1 s per 100 MB here);
-    the CRC check of the gzip module also catches damage inside the stream."""
-    total = 0
-    block = memoryview(bytearray(1 << 22))
+def _scan_data(path: Path, compressed: bool, offset: int, data_bytes: int,
+               dtype: str | None) -> tuple[int, int]:
+    """(length of the (decompressed) file, count of non-finite voxels when ``dtype`` is a float type), reading
+    it once in 4 MiB blocks; for gzip the module's CRC check also catches damage inside the stream."""
+    total = nonfinite = 0
+    carry = b""
     try:
-        with gzip.open(path, "rb") as fh:
-            while n := fh.readinto(block):
-                total += n
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
+            total = len(fh.read(offset))
+            while chunk := fh.read(1 << 22):
+                voxels = chunk[: max(0, offset + data_bytes - total)]  # bytes after the voxels are not voxels
+                total += len(chunk)
+                if dtype is None or not voxels:
+                    continue
+                data = carry + voxels
+                usable = len(data) - len(data) % np.dtype(dtype).itemsize
+                values = np.frombuffer(data, dtype, usable // np.dtype(dtype).itemsize)
+                nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+                carry = data[usable:]
     except EOFError as exc:
         raise _truncated(path, "the compressed data ends before its end-of-stream marker") from exc
     except (OSError, zlib.error) as exc:
         raise CTInputError(f"{path}: not a readable image file (damaged compressed data: {exc}); "
                            "copy the file again") from exc
-    return total
+    return total, nonfinite
 
 
 def _read_dicom_series(path: Path) -> sitk.Image:
