@@ -406,6 +406,14 @@ def write_ct(ct: CTImage, path: str | os.PathLike) -> None:
     compress = path.suffix.lower() in (".mhd", ".mha", ".nrrd")
     with atomic_output(path) as tmp:
         _itk_write(path, lambda: sitk.WriteImage(image, str(tmp), useCompression=compress))
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            # ITK's NIfTI writer ignores failed writes (measured: writing through a link to /dev/full
+            # "succeeds"), so a full disk would leave a short file: read the result back before it is moved.
+            try:
+                _check_nifti(tmp)
+            except CTInputError as exc:
+                raise CTInputError(f"{path}: cannot write the output (the written file is incomplete: disk "
+                                   "full?): free some space or write to another disk") from exc
 
 
 def _itk_write(target: Path, call: Callable[[], None]) -> None:
