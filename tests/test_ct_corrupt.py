@@ -58,13 +58,14 @@ def _data_file(path: Path) -> Path:
     return path.parent / match.group(1)
 
 
-@pytest.mark.parametrize("compress", [False, True], ids=["raw", "compressed"])
-@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize(("name", "compress"), [
+    ("scan.nii.gz", True), ("scan.nii", False), ("scan.mha", False), ("scan.mha", True), ("scan.nrrd", False),
+    ("scan.nrrd", True), ("scan.mhd", False), ("scan.mhd", True),  # .mhd: the .raw / .zraw data file is cut
+])
 def test_truncated_data_is_refused_in_every_format(ct: CTImage, tmp_path: Path,
                                                    capfd: pytest.CaptureFixture[str], name: str,
                                                    compress: bool) -> None:
-    if name.endswith(".gz") and not compress or name == "scan.nii" and compress:
-        pytest.skip("NIfTI compression is the .gz suffix")
+    """ITK zero-fills a cut NIfTI without a word; MHA and NRRD fail with a vague "cannot be read"."""
     path = tmp_path / name
     sitk.WriteImage(to_sitk(ct), str(path), useCompression=compress)
     read_ct(path)  # the complete file is fine
