@@ -4,11 +4,13 @@ Arrays are indexed (x, y, z), the order of SimpleITK's image index and of the sa
 numpy view is (z, y, x), so every conversion transposes exactly here and nowhere else.
 
 A damaged scan is refused before it can become training data, because SimpleITK often reads one without
-complaint: a NIfTI file cut short is zero-filled (0 HU, a slab of soft tissue), a zero or NaN NIfTI pixdim
-becomes 1 mm, a DICOM series with a missing slice or two volumes under one series UID is stacked with an
-averaged slice spacing. So the header is checked on its own (size against memory, spacing, NIfTI pixdim
-and data length, decompressing a ``.nii.gz`` once to count its bytes), DICOM slice positions are checked
-for duplicates and gaps, and ITK's own diagnostics on the C++ stderr are captured and turned into one line.
+complaint: a NIfTI file cut short is zero-filled (0 HU, a slab of soft tissue) and its NaN voxels become 0,
+a zero or NaN NIfTI pixdim becomes 1 mm, a DICOM series with a missing slice or two volumes under one
+series UID is stacked with an averaged slice spacing. So the header is checked on its own (size against
+memory, spacing, NIfTI pixdim and data length), a NIfTI file's voxel bytes are counted (and float voxels
+scanned for NaN) in one extra pass (about 0.7 s for a 75 MB 512x512x300 ``.nii.gz`` here, next to ITK's own
+0.8 s read), DICOM slice positions are checked for duplicates and gaps, and ITK's diagnostics on the C++
+stderr are captured and turned into one line.
 """
 
 from __future__ import annotations
