@@ -1,36 +1,46 @@
-"""The ``ctvq`` command line: one argparse subcommand per pipeline step, kept in a registry.
+"""The ``ctvq`` command line: one argparse subcommand per pipeline step, listed in a lazy registry.
 
-Other packages add commands with ``register_command``; a duplicate name is an error. Expected failures
-(bad scans, bad files, bad settings) print ``ctvq <cmd>: error: <file>: <reason>`` (a line per problem);
-anything else is a bug and keeps its traceback.
+The registry names each command's arguments, work and expected errors as ``"module:attribute"`` and only
+the dispatched command's module is imported: ``ctvq window`` or ``ctvq --help`` must not pay seconds and
+hundreds of MB for torch, which only the model commands need. This is the CLI layer: it imports the library,
+never the other way round. Expected failures (bad scans, bad files, bad settings) print
+``ctvq <cmd>: error: <file>: <reason>`` (a line per problem); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-
-from ctvq.ct.errors import CTInputError
-from ctvq.data.sample import SampleFormatError
+from dataclasses import dataclass
+from typing import Any
 
 EXIT_BAD_INPUT = 2
 
 
 @dataclass(frozen=True)
 class Command:
-    """``configure`` adds the arguments; ``run`` does the work and returns the exit code."""
+    """``configure`` adds the arguments, ``run`` does the work and returns the exit code; both, and each of
+    ``expected_errors`` (an exception class or a tuple of them), are ``"module:attribute"`` references, so
+    listing a command in ``ctvq --help`` imports nothing."""
 
     name: str
     help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-    expected_errors: tuple[type[BaseException], ...] = field(default=())
+    configure: str
+    run: str
+    expected_errors: tuple[str, ...] = ()
 
+
+BASE_EXPECTED_ERRORS: tuple[str, ...] = (
+    "ctvq.ct.errors:CTInputError", "ctvq.data.sample:SampleFormatError", "builtins:FileExistsError")
+"""Failures of the user's input whatever the command (resolved on dispatch, like the commands)."""
+
+_CT = "ctvq.ct.commands"
+_EVAL = "ctvq.eval.command"
+_EVAL_ERRORS = (f"{_EVAL}:EXPECTED_ERRORS",)
 
 COMMANDS: dict[str, Command] = {}
-BASE_EXPECTED_ERRORS: tuple[type[BaseException], ...] = (CTInputError, SampleFormatError, FileExistsError)
 
 
 def register_command(command: Command) -> None:
@@ -39,33 +49,112 @@ def register_command(command: Command) -> None:
     COMMANDS[command.name] = command
 
 
-def build_parser() -> argparse.ArgumentParser:
-    _load_builtin_commands()
+for _command in (
+    Command("phantom", "write a synthetic chest CT (HU) as a scan file or DICOM series",
+            f"{_CT}:configure_phantom", f"{_CT}:phantom_command"),
+    Command("window", "read a scan, resample it into the resolution^3 cube and apply an HU window",
+            f"{_CT}:configure_window", f"{_CT}:window_command"),
+    Command("sdf", "narrow-band signed distance to the window's iso-surface",
+            f"{_CT}:configure_sdf", f"{_CT}:sdf_command"),
+    Command("index", "sort the band by latent cell and write the training sample",
+            f"{_CT}:configure_index", f"{_CT}:index_command"),
+    Command("manifest", "one CSV row per training sample, with counts and filter status",
+            f"{_CT}:configure_manifest", f"{_CT}:manifest_command"),
+    Command("demo", "phantom cases -> window -> sdf -> index -> manifests and preview PNGs",
+            f"{_CT}:configure_demo", f"{_CT}:demo_command"),
+    Command("validate-config", "check ctvq JSON configs against the configuration reference",
+            "ctvq.commands:configure_validate", "ctvq.commands:run_validate",
+            expected_errors=("ctvq.config:ConfigError",)),
+    Command("inspect-weights", "print what a checkpoint holds and which model config matches it",
+            "ctvq.commands:configure_inspect", "ctvq.commands:run_inspect",
+            expected_errors=("ctvq.models.pretrained:PretrainedWeightsError",)),
+    Command("train", "train the sparse SDF VQ-VAE (stage 1: codebook, stage 2: joint)",
+            "ctvq.train.command:add_arguments", "ctvq.train.command:run",
+            expected_errors=("ctvq.train.command:EXPECTED_ERRORS",)),
+    Command("eval", "metrics, figures and meshes of a checkpoint on preprocessed cases",
+            f"{_EVAL}:add_eval_arguments", f"{_EVAL}:run_eval", expected_errors=_EVAL_ERRORS),
+    Command("encode", "a CT scan or sample -> token grid (latent coords + code indices)",
+            f"{_EVAL}:add_encode_arguments", f"{_EVAL}:run_encode", expected_errors=_EVAL_ERRORS),
+    Command("decode", "a token grid -> reconstructed surface mesh (PLY) and sparse SDF",
+            f"{_EVAL}:add_decode_arguments", f"{_EVAL}:run_decode", expected_errors=_EVAL_ERRORS),
+):
+    register_command(_command)
+
+
+def resolve(reference: str) -> Any:
+    """The object a ``"module:attribute"`` reference names, importing its module now."""
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _errors(references: Sequence[str]) -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = []
+    for reference in references:
+        found = resolve(reference)
+        errors.extend(found if isinstance(found, tuple) else (found,))
+    return tuple(errors)
+
+
+def package_version() -> str:
+    """The installed distribution's version; the package's own when it runs from a bare source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ctvq")
+    except PackageNotFoundError:
+        import ctvq
+
+        return getattr(ctvq, "__version__", "unknown")
+
+
+class _VersionAction(argparse.Action):
+    """``--version`` that looks the version up only when asked (importlib.metadata costs startup time)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
+
+
+def _dispatched_name(argv: Sequence[str]) -> str | None:
+    """The subcommand argparse will pick: the first positional token (no top-level option takes a value)."""
+    return next((token for token in argv if not token.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """Every command is listed; only the one ``argv`` dispatches to gets its arguments (and its imports).
+
+    Without ``argv`` every command is configured (importing all of them): for tools that want the full parser.
+    """
     parser = argparse.ArgumentParser(prog="ctvq", description="CT scans to a sparse-voxel VQ-VAE tokenizer.")
+    parser.add_argument("--version", action=_VersionAction, help="print the ctvq version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = None if argv is None else _dispatched_name(argv)
     for command in COMMANDS.values():
         sub_parser = sub.add_parser(command.name, help=command.help, description=command.help)
-        command.configure(sub_parser)
+        if argv is None or command.name == chosen:
+            configure: Callable[[argparse.ArgumentParser], None] = resolve(command.configure)
+            configure(sub_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     command = COMMANDS[args.command]
+    run: Callable[[argparse.Namespace], int] = resolve(command.run)
+    expected = _errors(BASE_EXPECTED_ERRORS + command.expected_errors)
     try:
-        return command.run(args)
-    except BASE_EXPECTED_ERRORS + command.expected_errors as exc:
+        return run(args)
+    except expected as exc:
         # The whole message: a config with several mistakes lists one per line after its headline.
         message = str(exc) or type(exc).__name__
         print(f"ctvq {command.name}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-
-def _load_builtin_commands() -> None:
-    """Import the modules that register commands (idempotent: registration happens once per import)."""
-    from ctvq import commands  # noqa: F401
-    from ctvq.ct import commands as ct_commands  # noqa: F401
 
 
 if __name__ == "__main__":

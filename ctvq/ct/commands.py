@@ -2,6 +2,8 @@
 
 Each ``run_*`` function is the whole step (read, compute, write atomically, log) and is what both the
 subcommand and the demo call. Progress goes to stderr, one line per stage, with elapsed seconds.
+``configure_<step>`` adds a subcommand's arguments and ``<step>_command`` runs it; ``ctvq.cli`` lists them
+(this module imports no CLI code, so the library never depends on the command line).
 """
 
 from __future__ import annotations
@@ -11,12 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from ctvq.cli import Command, register_command
 from ctvq.ct.band import load_band, save_band
 from ctvq.ct.errors import CTInputError, warnings_as_lines
 from ctvq.ct.index import build_index
 from ctvq.ct.io import FILE_SUFFIXES, write_ct, write_dicom_series
-from ctvq.ct.manifest import manifest_table, write_manifest
 from ctvq.ct.phantom import chest_phantom
 from ctvq.ct.pipeline import build_band, default_case_id, load_windowed, window_scan
 from ctvq.ct.splits import DEFAULT_FRACTIONS, SPLITS, SplitError, SplitRule, parse_fractions
@@ -83,7 +83,7 @@ def run_index(source: Path, output: Path, quiet: bool = False) -> None:
     clock.log(f"wrote {output} ({sample.num_points} points, {sample.num_latent} latent cells)")
 
 
-def _configure_phantom(p: argparse.ArgumentParser) -> None:
+def configure_phantom(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True,
                    help=f"scan file ({', '.join(FILE_SUFFIXES[:-1])}) or, with --dicom, a new folder")
     p.add_argument("--seed", type=int, default=0, help="shape variation seed (default 0)")
@@ -94,7 +94,7 @@ def _configure_phantom(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dicom", action="store_true", help="write a DICOM series (one file per slice)")
 
 
-def _configure_window(p: argparse.ArgumentParser) -> None:
+def configure_window(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="scan file (NIfTI, NRRD, MHA/MHD) or DICOM series folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="windowed volume (.npz)")
     p.add_argument("--window", required=True, choices=[*WINDOWS, CUSTOM])
@@ -105,7 +105,7 @@ def _configure_window(p: argparse.ArgumentParser) -> None:
     p.add_argument("--case-id", help="case id (default: input file name without suffix)")
 
 
-def _configure_sdf(p: argparse.ArgumentParser) -> None:
+def configure_sdf(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="windowed volume from `ctvq window`")
     p.add_argument("-o", "--output", type=Path, required=True, help="band file (.npz)")
     p.add_argument("--band", type=float, default=3.0, help="band half-width in voxels (default 3)")
@@ -113,12 +113,12 @@ def _configure_sdf(p: argparse.ArgumentParser) -> None:
                    help="iso value on the windowed scale (default 0.5)")
 
 
-def _configure_index(p: argparse.ArgumentParser) -> None:
+def configure_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="band file from `ctvq sdf`")
     p.add_argument("-o", "--output", type=Path, required=True, help="training sample (.npz)")
 
 
-def _configure_manifest(p: argparse.ArgumentParser) -> None:
+def configure_manifest(p: argparse.ArgumentParser) -> None:
     p.add_argument("samples", type=Path, nargs="+", help="training samples from `ctvq index`")
     p.add_argument("-o", "--output", type=Path, required=True, help="manifest (.csv)")
     p.add_argument("--min-points", type=int, default=100, help="cases with fewer band voxels are filtered")
@@ -145,7 +145,9 @@ def split_rule(args: argparse.Namespace) -> SplitRule:
     return SplitRule(fractions=fractions, seed=args.split_seed if args.split_seed is not None else 0)
 
 
-def _run_manifest(args: argparse.Namespace) -> int:
+def manifest_command(args: argparse.Namespace) -> int:
+    from ctvq.ct.manifest import manifest_table, write_manifest  # pandas: only the manifest step needs it
+
     table = manifest_table(args.samples, args.output.parent, args.min_points, split_rule(args))
     write_manifest(table, args.output)
     ok = table["status"] == "ok"
@@ -155,7 +157,7 @@ def _run_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_demo(p: argparse.ArgumentParser) -> None:
+def configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--cases", type=int, default=3, help="number of phantom cases (seeds 0..N-1)")
     p.add_argument("--resolution", type=int, default=128)
@@ -164,33 +166,28 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-points", type=int, default=100)
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def demo_command(args: argparse.Namespace) -> int:
     from ctvq.ct.demo import run_demo
 
     run_demo(args.output_dir, args.cases, args.resolution, args.windows, args.band, args.min_points)
     return 0
 
 
-def _register() -> None:
-    register_command(Command(
-        "phantom", "write a synthetic chest CT (HU) as a scan file or DICOM series", _configure_phantom,
-        lambda a: run_phantom(a.output, a.seed, tuple(a.shape), tuple(a.spacing), a.noise, a.dicom) or 0))
-    register_command(Command(
-        "window", "read a scan, resample it into the resolution^3 cube and apply an HU window",
-        _configure_window,
-        lambda a: run_window(a.input, a.output, a.window, a.width, a.level, a.resolution, a.case_id) or 0))
-    register_command(Command(
-        "sdf", "narrow-band signed distance to the window's iso-surface", _configure_sdf,
-        lambda a: run_sdf(a.input, a.output, a.band, a.iso) or 0))
-    register_command(Command(
-        "index", "sort the band by latent cell and write the training sample", _configure_index,
-        lambda a: run_index(a.input, a.output) or 0))
-    register_command(Command(
-        "manifest", "one CSV row per training sample, with counts and filter status", _configure_manifest,
-        _run_manifest))
-    register_command(Command(
-        "demo", "phantom cases -> window -> sdf -> index -> manifests and preview PNGs", _configure_demo,
-        _run_demo))
+def phantom_command(a: argparse.Namespace) -> int:
+    run_phantom(a.output, a.seed, tuple(a.shape), tuple(a.spacing), a.noise, a.dicom)
+    return 0
 
 
-_register()
+def window_command(a: argparse.Namespace) -> int:
+    run_window(a.input, a.output, a.window, a.width, a.level, a.resolution, a.case_id)
+    return 0
+
+
+def sdf_command(a: argparse.Namespace) -> int:
+    run_sdf(a.input, a.output, a.band, a.iso)
+    return 0
+
+
+def index_command(a: argparse.Namespace) -> int:
+    run_index(a.input, a.output)
+    return 0

@@ -27,8 +27,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
-
 from ctvq.ct.errors import CTInputError
 
 SPLITS = ("train", "val", "test")
@@ -131,6 +129,8 @@ def hash_splits(case_ids: Sequence[str], usable: Sequence[bool], fractions: Mapp
 
 def read_split_file(path: str | os.PathLike) -> dict[str, str]:
     """``case_id,split`` rows as a dict; unknown split names and duplicate case ids are one-line errors."""
+    import pandas as pd  # ~0.25 s to import: only when a split file is read, not for every CLI start
+
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError, pd.errors.ParserError) as exc:

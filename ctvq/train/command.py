@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ctvq.config import ConfigError, CTVQConfig, config_from_dict, load_config
-from ctvq.data import DatasetError, SampleFormatError
+from ctvq.data.datasets import DatasetError
+from ctvq.data.sample import SampleFormatError
 from ctvq.models import PretrainedWeightsError
 from ctvq.train.checkpoint import CheckpointError
 from ctvq.train.distributed import ReplicaMismatchError, setup, teardown

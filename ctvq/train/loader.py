@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ctvq.config import DatasetConfig
-from ctvq.data import CTWindowSparseSDF, SparseCollate, SparseSDF
+from ctvq.data.collate import SparseCollate
+from ctvq.data.datasets import CTWindowSparseSDF, SparseSDF
 
 
 class EpochSampler(Sampler[int]):
