@@ -3,10 +3,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ctvq.ct.band import compute_band, load_band, save_band
+from ctvq.ct.band import compute_band, load_band, save_band, surface_volume
 from ctvq.ct.index import build_index
 from ctvq.ct.io import CTImage
 from ctvq.ct.pipeline import build_sample, load_windowed, window_image
+from ctvq.ct.surface import island_voxels
 from ctvq.ct.volume_file import save_windowed
 from ctvq.ct.windows import get_window
 from ctvq.data.sample import decoder_targets, load_sample, save_sample
@@ -29,7 +30,10 @@ def test_sample_is_sorted_by_latent_cell_and_targets_match_the_volume(small_ct: 
         assert (members == sample.latent_coords[m]).all()
     targets = decoder_targets(sample)
     x, y, z = (sample.latent_coords.astype(np.int64) * 8).T
-    children = np.stack([volume.values[a:a + 8, b:b + 8, d:d + 8] for a, b, d in zip(x, y, z, strict=True)])
+    step = float(np.linalg.norm(volume.affine[:3, 0]))
+    surface, _, _ = surface_volume(volume.values, 0.5, island_voxels(volume.surface.min_island_mm3, step))
+    # the targets are those of the cleaned surface
+    children = np.stack([surface[a:a + 8, b:b + 8, d:d + 8] for a, b, d in zip(x, y, z, strict=True)])
     outside_band = np.abs(targets) == 1.0
     np.testing.assert_array_equal(targets[outside_band] < 0, children[outside_band] > 0.5)
     assert sample.affine.shape == (4, 4) and sample.band == 2.0 and sample.window == "bone"

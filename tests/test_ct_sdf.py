@@ -9,6 +9,7 @@ from ctvq.ct.pipeline import build_sample, window_image
 from ctvq.ct.preview import dense_sdf
 from ctvq.ct.resample import resample_to_cube
 from ctvq.ct.sdf import interface_distances, narrow_band_sdf
+from ctvq.ct.surface import RAW
 from ctvq.ct.windows import get_window
 
 BAND = 3.0
@@ -89,7 +90,7 @@ def test_sphere_distances_are_sub_voxel_and_beat_the_full_grid_edt() -> None:
 def test_sign_agrees_with_the_hu_threshold_at_every_band_voxel(small_ct: CTImage) -> None:
     for name in ("lung", "bone", "soft_tissue", "brain"):
         window = get_window(name)
-        sample = build_sample(window_image(small_ct, window, 64, "c"))
+        sample = build_sample(window_image(small_ct, window, 64, "c", RAW))  # raw: no islands flipped
         hu, _ = resample_to_cube(small_ct, 64)
         c = sample.coords.astype(np.intp)
         above = hu[c[:, 0], c[:, 1], c[:, 2]] > window.iso_hu()
@@ -99,7 +100,7 @@ def test_sign_agrees_with_the_hu_threshold_at_every_band_voxel(small_ct: CTImage
 
 def test_zero_level_matches_marching_cubes_of_the_resampled_hu(small_ct: CTImage) -> None:
     window = get_window("lung")
-    sample = build_sample(window_image(small_ct, window, 96, "c"))
+    sample = build_sample(window_image(small_ct, window, 96, "c", RAW))  # raw: the cut caps are kept
     hu, _ = resample_to_cube(small_ct, 96)
     verts, _, _, _ = marching_cubes(hu, level=window.iso_hu())
     base = np.floor(verts).astype(np.intp)

@@ -1,8 +1,11 @@
 """The band of one case: output of ``ctvq sdf``, input of ``ctvq index``.
 
-Holds the band voxels with their normalised SDF and, for every latent 8³ cell the band touches, the
-inside mask of all 512 children (the decoder's truncated-sign targets), which needs the full windowed
-volume and so is taken here, where the volume is in memory.
+Holds the band voxels with their normalised SDF and, for every latent 8³ cell the band touches, the inside
+mask of all 512 children (the decoder's truncated-sign targets), which needs the full windowed volume and so
+is taken here, where the volume is in memory. The window step's surface settings are applied here where they
+need the iso value (islands below ``min_island_mm3`` are flipped) and the scan's extent (band voxels outside
+the field of view are dropped: with edge padding they only continue the border surface straight on), and
+recorded.
 """
 
 from __future__ import annotations
@@ -14,11 +17,19 @@ import numpy as np
 
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.sdf import narrow_band_sdf
-from ctvq.ct.volume_file import WindowedVolume, load_npz, save_npz_atomic
+from ctvq.ct.surface import RAW, SurfaceSettings, island_voxels, remove_islands
+from ctvq.ct.volume_file import (
+    SURFACE_KEYS,
+    WindowedVolume,
+    load_npz,
+    save_npz_atomic,
+    surface_arrays,
+    surface_from,
+)
 from ctvq.ct.windows import Window, check_iso
 from ctvq.data.sample import CELL_VOXELS, LATENT_STRIDE
 
-BAND_FORMAT_VERSION = 1
+BAND_FORMAT_VERSION = 2  # 2: adds the surface settings and the scan extent
 _KIND = "ctvq-band"
 
 
@@ -38,6 +49,31 @@ class BandField:
     case_id: str
     source: str
     spacing: tuple[float, float, float]
+    surface: SurfaceSettings = RAW
+    scan_extent: np.ndarray | None = None
+    islands_removed: int = 0  # inside components flipped to outside (provenance, logged)
+    holes_filled: int = 0
+
+
+def surface_volume(values: np.ndarray, iso_value: float, min_voxels: int) -> tuple[np.ndarray, int, int]:
+    """``values`` with inside islands and holes below ``min_voxels`` pushed to the other side of the iso
+    value (0 or 1, the window's ends: no crossing is left at them); a copy only when something changes."""
+    inside = np.greater(values, iso_value)
+    cleaned, removed, filled = remove_islands(inside, min_voxels)
+    if removed == 0 and filled == 0:
+        return values, 0, 0
+    out = values.copy(order="K")
+    np.copyto(out, np.float32(0.0), where=inside & ~cleaned)
+    np.copyto(out, np.float32(1.0), where=cleaned & ~inside)
+    return out, removed, filled
+
+
+def in_extent(coords: np.ndarray, extent: np.ndarray | None) -> np.ndarray:
+    """Which voxel coordinates (N, 3) lie inside the scan's extent ((2, 3) cube indices, edges included)."""
+    if extent is None:
+        return np.ones(coords.shape[0], dtype=bool)
+    lo, hi = np.ceil(extent[0] - 1e-6).astype(np.int64), np.floor(extent[1] + 1e-6).astype(np.int64)
+    return np.all((coords >= lo) & (coords <= hi), axis=1)
 
 
 def compute_band(volume: WindowedVolume, band: float = 3.0, iso_value: float = 0.5) -> BandField:
@@ -47,22 +83,35 @@ def compute_band(volume: WindowedVolume, band: float = 3.0, iso_value: float = 0
     if volume.values.shape != (res, res, res) or res % LATENT_STRIDE:
         raise CTInputError(f"{volume.case_id}: windowed volume of shape {volume.values.shape}; "
                            f"expected a cube whose side is a multiple of {LATENT_STRIDE}")
+    step = float(np.linalg.norm(np.asarray(volume.affine)[:3, 0]))
+    values, removed, filled = surface_volume(volume.values, iso_value,
+                                             island_voxels(volume.surface.min_island_mm3, step))
     try:
-        voxels, distance = narrow_band_sdf(volume.values, iso_value, band)
+        voxels, distance = narrow_band_sdf(values, iso_value, band)
     except CTInputError as exc:
         raise CTInputError(f"{volume.case_id} ({volume.source}): window {volume.window.name!r} "
                            f"(W={volume.window.width:g}, L={volume.window.level:g}): {exc}") from exc
+    # with edge padding the surface beyond the scan only repeats its border: not supervised (air padding
+    # keeps the whole cap: the surface as windowed)
+    keep = in_extent(voxels, volume.scan_extent if volume.surface.pad == "edge" else None)
+    if not keep.all():
+        voxels, distance = voxels[keep], distance[keep]
+    if voxels.shape[0] == 0:
+        raise CTInputError(f"{volume.case_id} ({volume.source}): no iso-surface at {iso_value} "
+                           "inside the scan's field of view")
     coords = voxels.astype(np.int16)
     del voxels
     side = res // LATENT_STRIDE
     cells = occupied_cells(flat_cells(coords, res), side)
     latent = np.stack(np.unravel_index(cells, (side,) * 3), axis=1).astype(np.int16)
-    bits = np.packbits(cell_masks(np.greater(volume.values, iso_value), latent).reshape(-1, CELL_VOXELS),
+    bits = np.packbits(cell_masks(np.greater(values, iso_value), latent).reshape(-1, CELL_VOXELS),
                        axis=1)
     sdf = np.clip(distance / np.float32(band), -1.0, 1.0).astype(np.float32)
     return BandField(coords=coords, sdf=sdf, latent_coords=latent, inside_bits=bits, band=float(band),
                      iso_value=float(iso_value), resolution=res, affine=volume.affine, window=volume.window,
-                     case_id=volume.case_id, source=volume.source, spacing=volume.spacing)
+                     case_id=volume.case_id, source=volume.source, spacing=volume.spacing,
+                     surface=volume.surface, scan_extent=volume.scan_extent, islands_removed=removed,
+                     holes_filled=filled)
 
 
 def flat_cells(coords: np.ndarray, resolution: int) -> np.ndarray:
@@ -102,13 +151,15 @@ def save_band(field: BandField, path: str | os.PathLike) -> None:
         "window": np.asarray(field.window.name), "window_width": np.asarray(field.window.width),
         "window_level": np.asarray(field.window.level), "case_id": np.asarray(field.case_id),
         "source": np.asarray(field.source), "spacing": np.asarray(field.spacing, dtype=np.float64),
+        **surface_arrays(field.surface, field.scan_extent, field.resolution),
     })
 
 
 def load_band(path: str | os.PathLike) -> BandField:
     keys = ("coords", "sdf", "latent_coords", "inside_bits", "band", "iso_value", "resolution", "affine",
-            "window", "window_width", "window_level", "case_id", "source", "spacing")
+            "window", "window_width", "window_level", "case_id", "source", "spacing", *SURFACE_KEYS)
     d = load_npz(path, _KIND, BAND_FORMAT_VERSION, keys)
+    surface, extent = surface_from(d)
     return BandField(
         coords=d["coords"], sdf=d["sdf"], latent_coords=d["latent_coords"], inside_bits=d["inside_bits"],
         band=float(d["band"]), iso_value=float(d["iso_value"]), resolution=int(d["resolution"]),
@@ -116,4 +167,5 @@ def load_band(path: str | os.PathLike) -> BandField:
         window=Window(str(d["window"]), float(d["window_width"]), float(d["window_level"])),
         case_id=str(d["case_id"]), source=str(d["source"]),
         spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
+        surface=surface, scan_extent=extent,
     )

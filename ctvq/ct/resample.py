@@ -74,13 +74,15 @@ def cube_geometry(ct: CTImage, resolution: int) -> np.ndarray:
     return affine
 
 
-def resample_to_cube(ct: CTImage, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+def resample_to_cube(ct: CTImage, resolution: int, pad: str = "air") -> tuple[np.ndarray, np.ndarray]:
     """Return (HU cube float32 (R, R, R) indexed x, y, z; affine voxel -> mm) of ``ct`` in LPS orientation.
 
-    Linear interpolation; voxels outside the scan get air (-1024 HU). The cube is the transposed view of
-    SimpleITK's (z, y, x) buffer, so it is Fortran-ordered (x fastest in memory). Asking SimpleITK for the
-    axes in our order instead makes it walk the input along z for every output row: 4-5x slower at 512³,
-    and a transposing copy costs more than the resampling itself (measured).
+    Linear interpolation; voxels outside the scan get air (-1024 HU) with ``pad="air"``, or the nearest
+    border voxel's value with ``pad="edge"`` (ITK's nearest-neighbour extrapolator): a surface the field of
+    view cuts then runs straight on to the cube's border instead of being capped by the air. The cube is the
+    transposed view of SimpleITK's (z, y, x) buffer, so it is Fortran-ordered (x fastest in memory).
+    Asking SimpleITK for the axes in our order instead makes it walk the input along z for every output
+    row: 4-5x slower at 512³, and a transposing copy costs more than the resampling itself (measured).
     """
     check_resolution(resolution)
     ct = canonical_orientation(ct)
@@ -95,8 +97,25 @@ def resample_to_cube(ct: CTImage, resolution: int) -> tuple[np.ndarray, np.ndarr
     resampler.SetOutputDirection(tuple(direction.ravel()))
     resampler.SetInterpolator(sitk.sitkLinear)
     resampler.SetDefaultPixelValue(AIR_HU)
+    if pad == "edge":
+        resampler.SetUseNearestNeighborExtrapolator(True)
+    elif pad != "air":
+        raise CTInputError(f"pad {pad!r}: use edge or air")
     resampler.SetOutputPixelType(sitk.sitkFloat32)
     out = resampler.Execute(image)
     del image
     cube = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
     return cube, affine
+
+
+def scan_extent(ct: CTImage, affine: np.ndarray) -> np.ndarray:
+    """(2, 3) float64: lowest and highest cube index (x, y, z) inside the scan's field of view, voxel edges
+    included; ``ct`` in the orientation the cube was made from (its direction is the cube's)."""
+    ct = canonical_orientation(ct)
+    step = float(np.linalg.norm(affine[:3, 0]))
+    direction = affine[:3, :3] / step
+    size, spacing = np.asarray(ct.shape, dtype=np.float64), np.asarray(ct.spacing, dtype=np.float64)
+    scan_dir = np.asarray(ct.direction, dtype=np.float64).reshape(3, 3)
+    corners = [np.asarray(ct.origin) + scan_dir @ (spacing * idx) for idx in (np.full(3, -0.5), size - 0.5)]
+    a, b = (direction.T @ (c - affine[:3, 3]) / step for c in corners)
+    return np.stack([np.minimum(a, b), np.maximum(a, b)])

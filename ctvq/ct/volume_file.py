@@ -2,8 +2,10 @@
 
 One ``.npz`` holding the windowed cube quantised to uint16 (step 1/65535 of the window: far below the
 sub-voxel precision the SDF needs), the voxel -> mm affine, the window, the source and case id, and the
-original scan spacing. Zip members are stored, not deflated: the cube is large and mostly noise, and
-deflating 256 MB costs more seconds than the whole narrow-band SDF (measured: bench/preprocess.py).
+original scan spacing, and how its surface was cleaned (``ctvq.ct.surface``: the settings and the scan's
+extent in cube voxels, which ``ctvq sdf`` applies and records). Zip members are stored, not deflated: the
+cube is large and mostly noise, and deflating 256 MB costs more seconds than the whole narrow-band SDF
+(measured: bench/preprocess.py).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import numpy as np
 
 from ctvq.ct.atomic import atomic_output
 from ctvq.ct.errors import CTInputError
+from ctvq.ct.surface import RAW, SurfaceSettings
 from ctvq.ct.windows import Window
 
-VOLUME_FORMAT_VERSION = 1
+VOLUME_FORMAT_VERSION = 2  # 2: adds the surface settings and the scan extent
 _QUANT = 65535.0
 _KIND = "ctvq-windowed-volume"
 
@@ -34,6 +37,8 @@ class WindowedVolume:
     case_id: str
     source: str
     spacing: tuple[float, float, float]  # of the original scan (mm), for the manifest
+    surface: SurfaceSettings = RAW
+    scan_extent: np.ndarray | None = None  # (2, 3) lowest/highest cube index inside the scan; None: all
 
     @property
     def resolution(self) -> int:
@@ -96,7 +101,27 @@ def save_windowed(volume: WindowedVolume, path: str | os.PathLike) -> None:
         "case_id": np.asarray(volume.case_id),
         "source": np.asarray(volume.source),
         "spacing": np.asarray(volume.spacing, dtype=np.float64),
+        **surface_arrays(volume.surface, volume.scan_extent, volume.resolution),
     })
+
+
+def surface_arrays(surface: SurfaceSettings, extent: np.ndarray | None, resolution: int
+                   ) -> dict[str, np.ndarray]:
+    """The surface settings and scan extent as file members (shared by the windowed and band files)."""
+    full = np.array([[-0.5] * 3, [resolution - 0.5] * 3])
+    return {"smooth_mm": np.asarray(surface.smooth_mm), "min_island_mm3": np.asarray(surface.min_island_mm3),
+            "body_mask": np.asarray(surface.body_mask), "pad": np.asarray(surface.pad),
+            "scan_extent": np.asarray(full if extent is None else extent, dtype=np.float64)}
+
+
+SURFACE_KEYS = ("smooth_mm", "min_island_mm3", "body_mask", "pad", "scan_extent")
+
+
+def surface_from(data: dict[str, np.ndarray]) -> tuple[SurfaceSettings, np.ndarray]:
+    surface = SurfaceSettings(smooth_mm=float(data["smooth_mm"]),
+                              min_island_mm3=float(data["min_island_mm3"]),
+                              body_mask=bool(data["body_mask"]), pad=str(data["pad"]))
+    return surface, np.asarray(data["scan_extent"], dtype=np.float64)
 
 
 def quantise(values: np.ndarray, slab: int = 16) -> np.ndarray:
@@ -116,7 +141,8 @@ def quantise(values: np.ndarray, slab: int = 16) -> np.ndarray:
 
 
 def load_windowed(path: str | os.PathLike) -> WindowedVolume:
-    keys = ("values", "affine", "window", "window_width", "window_level", "case_id", "source", "spacing")
+    keys = ("values", "affine", "window", "window_width", "window_level", "case_id", "source", "spacing",
+            *SURFACE_KEYS)
     data = load_npz(path, _KIND, VOLUME_FORMAT_VERSION, keys)
     values = data["values"]
     if values.ndim != 3 or len(set(values.shape)) != 1 or values.dtype != np.uint16:
@@ -124,6 +150,7 @@ def load_windowed(path: str | os.PathLike) -> WindowedVolume:
                            "expected a uint16 cube")
     out = np.multiply(values, np.float32(1.0 / _QUANT), dtype=np.float32)
     del values
+    surface, extent = surface_from(data)
     return WindowedVolume(
         values=out,
         affine=data["affine"],
@@ -131,4 +158,6 @@ def load_windowed(path: str | os.PathLike) -> WindowedVolume:
         case_id=str(data["case_id"]),
         source=str(data["source"]),
         spacing=tuple(float(s) for s in data["spacing"]),  # type: ignore[arg-type]
+        surface=surface,
+        scan_extent=extent,
     )

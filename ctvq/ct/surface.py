@@ -1,0 +1,218 @@
+"""Which surface a window extracts: anatomy, not noise, table or field-of-view caps.
+
+Measured on real CT (TotalSegmentator examples), the raw iso-surface of a window is mostly not anatomy:
+
+- in soft_tissue and brain the iso value sits at the window level, inside the tissue's own intensity
+  range, so scan noise alone makes thousands of speck components and pin holes;
+- every window also extracts the CT table and headrest (thin plates and arcs around the body);
+- where the field of view cuts the body, padding the cube with air caps it with flat artificial walls.
+
+The remedies, each a setting (``SurfaceSettings``, per-window defaults in ``SURFACE_DEFAULTS``):
+
+- ``smooth_mm``: Gaussian sigma in mm applied to the scan at its own resolution before resampling, so it
+  also anti-aliases the noise when the cube is coarser than the scan;
+- ``min_island_mm3``: inside components and enclosed outside components (holes) smaller than this are
+  flipped, at the iso value the band is built for (``ctvq sdf``);
+- ``body_mask``: objects above ``BODY_HU`` that are not part of the body (the body: the largest thick
+  component and any other thick part of at least ``BODY_PART_MM3``, thickness > 2 x ``BODY_CORE_MM``) are
+  set to the window's minimum, with a margin, so the table and headrest leave no surface;
+- ``pad``: ``edge`` replicates the scan's border voxels into the cube instead of air, so a cut surface runs
+  straight on out of the field of view instead of being capped; the band then keeps only voxels inside
+  the scan's extent (``scan_extent``), so nothing outside the scan is supervised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import cc3d
+import edt
+import numpy as np
+from scipy import ndimage
+
+from ctvq.ct.errors import CTInputError
+
+PADS = ("edge", "air")
+BODY_HU = -500.0  # body threshold: between air/foam (<= -700) and fat (-100); lungs lie inside the body
+BODY_CORE_MM = 6.0  # parts thinner than 2 x this (table tops, headrest shells) are not body cores
+BODY_PART_MM3 = 50_000.0  # a thick part this large (a cut arm) is body even when not joined to the torso
+BODY_MARGIN_MM = 3.0  # beyond the body's surface: what lies nearer is body (skin rims, touching pads)
+_OBJECT_RIM_MM = 3.0  # removed objects are widened by this so their partial-volume rims go too
+_COARSE_MM = 2.0  # the body mask is found on a grid of about this voxel size (cheap at 512 and 1024)
+
+
+@dataclass(frozen=True)
+class SurfaceSettings:
+    """How the iso-surface of a window is cleaned; recorded in the windowed volume and the band."""
+
+    smooth_mm: float = 0.0
+    min_island_mm3: float = 0.0
+    body_mask: bool = False
+    pad: str = "air"
+
+    def check(self, where: str = "surface") -> SurfaceSettings:
+        """Raise a one-line CTInputError naming the bad key; return self."""
+        if not (math.isfinite(self.smooth_mm) and self.smooth_mm >= 0):
+            raise CTInputError(f"{where}: smooth_mm {self.smooth_mm}: must be >= 0 mm (0: no smoothing)")
+        if not (math.isfinite(self.min_island_mm3) and self.min_island_mm3 >= 0):
+            raise CTInputError(f"{where}: min_island_mm3 {self.min_island_mm3}: must be >= 0 (0: keep all)")
+        if self.pad not in PADS:
+            raise CTInputError(f"{where}: pad {self.pad!r}: use one of {', '.join(PADS)}")
+        return self
+
+    def describe(self) -> str:
+        return (f"smooth {self.smooth_mm:g} mm, islands < {self.min_island_mm3:g} mm³ removed, body mask "
+                f"{'on' if self.body_mask else 'off'}, pad {self.pad}")
+
+
+# Measured on real CT at 128 and 256 (bench/surface.py): noise specks need smoothing only where the iso value
+# lies inside soft tissue (soft_tissue, brain); lung and bone specks are few and small.
+SURFACE_DEFAULTS: dict[str, SurfaceSettings] = {
+    "lung": SurfaceSettings(smooth_mm=0.0, min_island_mm3=20.0, body_mask=True, pad="edge"),
+    "bone": SurfaceSettings(smooth_mm=0.0, min_island_mm3=20.0, body_mask=True, pad="edge"),
+    "soft_tissue": SurfaceSettings(smooth_mm=1.0, min_island_mm3=200.0, body_mask=True, pad="edge"),
+    "brain": SurfaceSettings(smooth_mm=1.5, min_island_mm3=200.0, body_mask=True, pad="edge"),
+}
+CUSTOM_DEFAULT = SurfaceSettings(body_mask=True, pad="edge")
+RAW = SurfaceSettings()  # no cleaning, air padding: the surface as windowed (old files, comparisons)
+
+
+def surface_settings(window_name: str, smooth_mm: float | None = None, min_island_mm3: float | None = None,
+                     body_mask: bool | None = None, pad: str | None = None) -> SurfaceSettings:
+    """The window's defaults with the given settings (not None) replacing them; checked."""
+    base = SURFACE_DEFAULTS.get(window_name, CUSTOM_DEFAULT)
+    given = {k: v for k, v in (("smooth_mm", smooth_mm), ("min_island_mm3", min_island_mm3),
+                               ("body_mask", body_mask), ("pad", pad)) if v is not None}
+    return replace(base, **given).check()
+
+
+def smooth_hu(hu: np.ndarray, spacing: tuple[float, float, float], sigma_mm: float) -> np.ndarray:
+    """Gaussian-smoothed copy of a scan (float32), sigma in mm per axis from the voxel spacing.
+
+    Truncated at 3 sigma: the tails beyond change the iso-surface by far less than the quantisation.
+    """
+    sigma = [sigma_mm / s for s in spacing]
+    return ndimage.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma, truncate=3.0, mode="nearest")
+
+
+def remove_islands(inside: np.ndarray, min_voxels: int) -> tuple[np.ndarray, int, int]:
+    """(cleaned inside mask, inside islands removed, holes filled): face-connected components of either
+    side smaller than ``min_voxels`` take the other side's label. The outside component touching the grid
+    border is never a hole, however small. Works on the bounding box of the inside voxels only.
+    """
+    out = inside.copy()
+    if min_voxels <= 1 or not out.any():
+        return out, 0, 0
+    lo, hi = _box(out)
+    box = tuple(slice(a, b + 1) for a, b in zip(lo, hi, strict=True))
+    removed = _flip_small(out[box], min_voxels, True)
+    filled = _flip_small(out[box], min_voxels, False)
+    return out, removed, filled
+
+
+def _box(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    los, his = [], []
+    for axis in range(3):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(j for j in range(3) if j != axis)))
+        los.append(int(hit[0]))
+        his.append(int(hit[-1]))
+    return tuple(los), tuple(his)  # type: ignore[return-value]
+
+
+def _flip_small(mask: np.ndarray, min_voxels: int, value: bool) -> int:
+    """Flip (in place) the components of ``mask == value`` below ``min_voxels``; return how many.
+
+    cc3d labels and measures in C (about 10x faster than scipy.ndimage.label + bincount at 512³); the small
+    components are then cleared inside their own bounding boxes, never with a full-grid pass.
+    """
+    target = mask if value else ~mask
+    labels, count = cc3d.connected_components(target, connectivity=6, return_N=True)
+    if count == 0:
+        return 0
+    stats = cc3d.statistics(labels)
+    sizes, boxes = stats["voxel_counts"], stats["bounding_boxes"]
+    small = np.flatnonzero(sizes < min_voxels)
+    flipped = 0
+    for label in small[small > 0]:
+        box = boxes[label]
+        if not value and any(s.start == 0 or s.stop == n for s, n in zip(box, mask.shape, strict=True)):
+            continue  # touches the box's border: open to the outside air, not a hole
+        part = mask[box]
+        part[labels[box] == label] = not value
+        flipped += 1
+    return flipped
+
+
+def foreign_objects(hu_cube: np.ndarray, step_mm: float, extent: np.ndarray | None = None) -> np.ndarray:
+    """Mask of the cube's voxels (bool, same layout) that belong to objects outside the body.
+
+    Only the scan's ``extent`` ((2, 3) cube indices; None: all) is examined and the mask is edge-replicated
+    beyond it, like an edge-padded cube: replicated copies of a thin table plate would otherwise add up to
+    a large, thick-looking object.
+
+    Found on a grid of about ``_COARSE_MM`` (strided view; the mask is a margin-wide zone, so its detail need
+    not be finer): thick cores = voxels more than ``BODY_CORE_MM`` inside the HU > ``BODY_HU`` mask; body =
+    the largest core and cores of at least ``BODY_PART_MM3``, grown by ``BODY_CORE_MM + BODY_MARGIN_MM``;
+    foreign = HU > ``BODY_HU`` outside the body, widened by ``_OBJECT_RIM_MM`` but never into the body.
+    Lungs and gas are below the threshold, so they are never foreign, whatever their shape; for the core
+    test they count as body (axial holes filled), so a thin chest wall over a lung stays body.
+    """
+    if extent is not None:
+        shape = np.asarray(hu_cube.shape)
+        lo = np.clip(np.ceil(extent[0] - 1e-6).astype(int), 0, shape - 1)
+        hi = np.clip(np.floor(extent[1] + 1e-6).astype(int), lo, shape - 1)
+        if np.any(lo > 0) or np.any(hi < shape - 1):
+            crop = hu_cube[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1]
+            inner = foreign_objects(crop, step_mm)
+            widths = [(int(a), int(n - 1 - b)) for a, b, n in zip(lo, hi, shape, strict=True)]
+            out = np.pad(inner, widths, mode="edge")
+            fortran = hu_cube.flags.f_contiguous and not hu_cube.flags.c_contiguous
+            return np.asfortranarray(out) if fortran else out
+    stride = max(1, int(_COARSE_MM / step_mm))
+    coarse = np.ascontiguousarray(hu_cube[::stride, ::stride, ::stride] > BODY_HU)
+    cstep = step_mm * stride
+    if not coarse.any():
+        return np.zeros(hu_cube.shape, dtype=bool)
+    core = edt.edt(_fill_axial_holes(coarse), anisotropy=(cstep,) * 3, black_border=True) > BODY_CORE_MM
+    labels, count = cc3d.connected_components(core, connectivity=6, return_N=True)
+    if count == 0:
+        return np.zeros(hu_cube.shape, dtype=bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = (sizes >= BODY_PART_MM3 / cstep**3) | (np.arange(sizes.size) == int(sizes.argmax()))
+    keep[0] = False
+    body_core = keep[labels]
+    body = edt.edt(~body_core, anisotropy=(cstep,) * 3) <= BODY_CORE_MM + max(BODY_MARGIN_MM, 1.5 * cstep)
+    objects = coarse & ~body
+    if not objects.any():
+        return np.zeros(hu_cube.shape, dtype=bool)
+    foreign = (edt.edt(~objects, anisotropy=(cstep,) * 3) <= _OBJECT_RIM_MM) & ~body
+    return _upsample(foreign, stride, hu_cube)
+
+
+def _fill_axial_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with, in every axial (x, y) slice, the background not connected to the slice's border
+    filled: lungs and bowel gas make the body look thin (a chest wall) unless counted as body."""
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[:, 1, 1] = in_plane[1, :, 1] = True
+    labels, count = ndimage.label(~mask, structure=in_plane)
+    outside = np.zeros(count + 1, dtype=bool)
+    for face in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        outside[np.unique(face)] = True
+    outside[0] = True
+    return mask | ~outside[labels]
+
+
+def _upsample(coarse: np.ndarray, stride: int, like: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour blow-up of a strided mask to ``like``'s shape and memory layout."""
+    fine = coarse
+    for axis in range(3):
+        fine = np.repeat(fine, stride, axis=axis)
+    fine = fine[: like.shape[0], : like.shape[1], : like.shape[2]]
+    return np.asfortranarray(fine) if like.flags.f_contiguous and not like.flags.c_contiguous else fine
+
+
+def island_voxels(min_island_mm3: float, step_mm: float) -> int:
+    """The island threshold in voxels of the cube (rounded up; at least 1)."""
+    return max(1, math.ceil(min_island_mm3 / step_mm**3 - 1e-9))
