@@ -102,6 +102,21 @@ def test_bad_pipeline_config_is_refused_naming_the_key(tmp_path: Path) -> None:
     assert "'lungs'" in said and "['windows']" in said
 
 
+def test_surface_settings_reach_ctvq_window_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    _write_config(tmp_path, inputs={"phantoms": 1}, windows=["lung", "bone"],
+                  surface={"lung": {"smooth_mm": 0.5, "body_mask": False}, "bone": {"pad": "air"}})
+    run = _snakemake(tmp_path, "-n", "-p", "--cores", "1", "--", "results/windowed/lung/phantom00.npz",
+                     "results/windowed/bone/phantom00.npz")
+    said = run.stdout + run.stderr
+    assert run.returncode == 0, said
+    assert re.search(r"--window lung .*--smooth-mm 0\.5 --no-body-mask", said)
+    assert re.search(r"--window bone .*--pad air", said)
+    _write_config(tmp_path, surface={"lung": {"smooth_mm": -1}})
+    run = _snakemake(tmp_path, "-n", "--cores", "1")
+    said = run.stdout + run.stderr
+    assert run.returncode != 0 and "smooth_mm" in said and "-1" in said
+
+
 @pytest.mark.slow
 def test_full_run_trains_evaluates_and_a_second_run_does_nothing(tmp_path: Path) -> None:
     _write_config(tmp_path)

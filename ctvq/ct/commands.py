@@ -20,6 +20,7 @@ from ctvq.ct.io import FILE_SUFFIXES, write_ct, write_dicom_series
 from ctvq.ct.phantom import chest_phantom
 from ctvq.ct.pipeline import build_band, default_case_id, load_windowed, window_scan
 from ctvq.ct.splits import DEFAULT_FRACTIONS, SPLITS, SplitError, SplitRule, parse_fractions
+from ctvq.ct.surface import PADS, SURFACE_DEFAULTS, SurfaceSettings, surface_settings
 from ctvq.ct.volume_file import save_windowed
 from ctvq.ct.windows import CUSTOM, DEFAULT_ISO, WINDOWS, get_window
 from ctvq.data.sample import save_sample
@@ -53,14 +54,16 @@ def run_phantom(output: Path, seed: int, shape: tuple[int, int, int], spacing: t
 
 
 def run_window(source: Path, output: Path, window_name: str, width: float | None, level: float | None,
-               resolution: int, case_id: str | None, quiet: bool = False) -> None:
+               resolution: int, case_id: str | None, quiet: bool = False,
+               surface: SurfaceSettings | None = None) -> None:
     window = get_window(window_name, width, level)
+    surface = surface or surface_settings(window.name)
     case = case_id or default_case_id(source)
     clock = _Clock("window", case, quiet)
     with warnings_as_lines("ctvq window"):
-        volume = window_scan(source, window, resolution, case)
+        volume = window_scan(source, window, resolution, case, surface)
     clock.log(f"read, resampled to {resolution}^3 and windowed ({window.name} W={window.width:g} "
-              f"L={window.level:g})")
+              f"L={window.level:g}; surface: {surface.describe()})")
     save_windowed(volume, output)
     clock.log(f"wrote {output}")
 
@@ -70,7 +73,8 @@ def run_sdf(source: Path, output: Path, band: float, iso: float, quiet: bool = F
     clock = _Clock("sdf", volume.case_id, quiet)
     field = build_band(volume, band=band, iso_value=iso)
     clock.log(f"narrow band |d| <= {band:g}: {field.coords.shape[0]} voxels, "
-              f"{field.latent_coords.shape[0]} latent cells")
+              f"{field.latent_coords.shape[0]} latent cells ({field.islands_removed} islands removed, "
+              f"{field.holes_filled} holes filled)")
     save_band(field, output)
     clock.log(f"wrote {output}")
 
@@ -103,6 +107,21 @@ def configure_window(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=512,
                    help="cube side in voxels: 256, 512, 1024 or a multiple of 8 >= 64 (default 512)")
     p.add_argument("--case-id", help="case id (default: input file name without suffix)")
+    defaults = "; ".join(f"{name}: {s.smooth_mm:g} mm, {s.min_island_mm3:g} mm³"
+                         for name, s in SURFACE_DEFAULTS.items())
+    p.add_argument("--smooth-mm", type=float, metavar="SIGMA",
+                   help=f"Gaussian sigma (mm) on the scan before resampling; 0: none (default per window: "
+                        f"{defaults} for smoothing and islands)")
+    p.add_argument("--min-island-mm3", type=float, metavar="MM3",
+                   help="inside islands and enclosed holes smaller than this are removed by `ctvq sdf` at "
+                        "its iso value; 0: keep all (default per window, above)")
+    p.add_argument("--body-mask", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop objects outside the body (CT table, headrest) so they leave no surface "
+                        "(default: on)")
+    p.add_argument("--pad", choices=PADS,
+                   help="fill outside the scan by repeating its border (edge: a cut body runs straight on, "
+                        "and the band keeps only voxels inside the scan) or with air (caps cut bodies) "
+                        "(default: edge)")
 
 
 def configure_sdf(p: argparse.ArgumentParser) -> None:
@@ -179,7 +198,8 @@ def phantom_command(a: argparse.Namespace) -> int:
 
 
 def window_command(a: argparse.Namespace) -> int:
-    run_window(a.input, a.output, a.window, a.width, a.level, a.resolution, a.case_id)
+    surface = surface_settings(a.window, a.smooth_mm, a.min_island_mm3, a.body_mask, a.pad, cli=True)
+    run_window(a.input, a.output, a.window, a.width, a.level, a.resolution, a.case_id, surface=surface)
     return 0
 
 

@@ -51,14 +51,17 @@ class SurfaceSettings:
     body_mask: bool = False
     pad: str = "air"
 
-    def check(self, where: str = "surface") -> SurfaceSettings:
-        """Raise a one-line CTInputError naming the bad key; return self."""
+    def check(self, cli: bool = False) -> SurfaceSettings:
+        """Raise a one-line CTInputError naming the bad key (as a ``ctvq window`` flag if ``cli``)."""
+        def key(name: str) -> str:
+            return "--" + name.replace("_", "-") if cli else f"surface setting {name}"
+
         if not (math.isfinite(self.smooth_mm) and self.smooth_mm >= 0):
-            raise CTInputError(f"{where}: smooth_mm {self.smooth_mm}: must be >= 0 mm (0: no smoothing)")
+            raise CTInputError(f"{key('smooth_mm')} {self.smooth_mm:g}: must be >= 0 mm (0: no smoothing)")
         if not (math.isfinite(self.min_island_mm3) and self.min_island_mm3 >= 0):
-            raise CTInputError(f"{where}: min_island_mm3 {self.min_island_mm3}: must be >= 0 (0: keep all)")
+            raise CTInputError(f"{key('min_island_mm3')} {self.min_island_mm3:g}: must be >= 0 (0: keep all)")
         if self.pad not in PADS:
-            raise CTInputError(f"{where}: pad {self.pad!r}: use one of {', '.join(PADS)}")
+            raise CTInputError(f"{key('pad')} {self.pad!r}: use one of {', '.join(PADS)}")
         return self
 
     def describe(self) -> str:
@@ -70,7 +73,7 @@ class SurfaceSettings:
 # lies inside soft tissue (soft_tissue, brain); lung and bone specks are few and small.
 SURFACE_DEFAULTS: dict[str, SurfaceSettings] = {
     "lung": SurfaceSettings(smooth_mm=0.0, min_island_mm3=20.0, body_mask=True, pad="edge"),
-    "bone": SurfaceSettings(smooth_mm=0.0, min_island_mm3=20.0, body_mask=True, pad="edge"),
+    "bone": SurfaceSettings(smooth_mm=0.0, min_island_mm3=5.0, body_mask=True, pad="edge"),
     "soft_tissue": SurfaceSettings(smooth_mm=1.0, min_island_mm3=200.0, body_mask=True, pad="edge"),
     "brain": SurfaceSettings(smooth_mm=1.5, min_island_mm3=200.0, body_mask=True, pad="edge"),
 }
@@ -79,12 +82,13 @@ RAW = SurfaceSettings()  # no cleaning, air padding: the surface as windowed (ol
 
 
 def surface_settings(window_name: str, smooth_mm: float | None = None, min_island_mm3: float | None = None,
-                     body_mask: bool | None = None, pad: str | None = None) -> SurfaceSettings:
+                     body_mask: bool | None = None, pad: str | None = None, cli: bool = False
+                     ) -> SurfaceSettings:
     """The window's defaults with the given settings (not None) replacing them; checked."""
     base = SURFACE_DEFAULTS.get(window_name, CUSTOM_DEFAULT)
     given = {k: v for k, v in (("smooth_mm", smooth_mm), ("min_island_mm3", min_island_mm3),
                                ("body_mask", body_mask), ("pad", pad)) if v is not None}
-    return replace(base, **given).check()
+    return replace(base, **given).check(cli)
 
 
 def smooth_hu(hu: np.ndarray, spacing: tuple[float, float, float], sigma_mm: float) -> np.ndarray:

@@ -94,6 +94,22 @@ def _split_settings() -> tuple[str, list[str]]:
 SPLIT_ARGS, SPLIT_FILES = _split_settings()
 
 
+def _surface_args() -> dict[str, str]:
+    """`ctvq window` surface flags per window from the surface section (keys left out: ctvq's defaults)."""
+    flags = {"smooth_mm": "--smooth-mm", "min_island_mm3": "--min-island-mm3", "pad": "--pad"}
+    args = {}
+    for window in WINDOWS:
+        given = config.get("surface", {}).get(window, {})
+        parts = [f"{flags[k]} {given[k]}" for k in flags if k in given]
+        if "body_mask" in given:
+            parts.append("--body-mask" if given["body_mask"] else "--no-body-mask")
+        args[window] = " ".join(parts)
+    return args
+
+
+SURFACE_ARGS = _surface_args()
+
+
 wildcard_constraints:
     case="|".join(sorted(CASES)),
     window="|".join(WINDOWS),

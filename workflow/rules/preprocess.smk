@@ -19,11 +19,12 @@ rule window:
         "logs/window/{window}/{case}.log",
     params:
         resolution=config["resolution"],
+        surface=lambda wc: SURFACE_ARGS[wc.window],
     resources:
         mem_mb=preprocess_mem_mb("window", config["resolution"]),
     shell:
         "{CTVQ} window {input} -o {output} --window {wildcards.window} --resolution {params.resolution}"
-        " --case-id {wildcards.case} > {log} 2>&1"
+        " --case-id {wildcards.case} {params.surface} > {log} 2>&1"
 
 
 rule sdf:
