@@ -76,7 +76,7 @@ def _cleaning_seconds(scan: Path, window: str, resolution: int) -> dict[str, flo
     """Seconds of each surface-cleaning step with the window's default settings, run on their own."""
     from dataclasses import replace
 
-    from ctvq.ct.band import surface_volume
+    from ctvq.ct.band import extent_box, surface_volume
     from ctvq.ct.io import read_ct
     from ctvq.ct.resample import canonical_orientation, resample_to_cube, scan_extent
     from ctvq.ct.surface import foreign_objects, island_voxels, smooth_hu, surface_settings
@@ -98,7 +98,8 @@ def _cleaning_seconds(scan: Path, window: str, resolution: int) -> dict[str, flo
         np.copyto(values, np.float32(0.0), where=foreign)
     del foreign
     t0 = time.perf_counter()
-    surface_volume(values, 0.5, island_voxels(settings.min_island_mm3, step))
+    box = extent_box(scan_extent(ct, affine), resolution) if settings.pad == "edge" else (slice(None),) * 3
+    surface_volume(values[box], 0.5, island_voxels(settings.min_island_mm3, step))
     out["islands"] = time.perf_counter() - t0
     out["total"] = sum(out.values())
     return out

@@ -63,8 +63,7 @@ def surface_volume(values: np.ndarray, iso_value: float, min_voxels: int) -> tup
     if removed == 0 and filled == 0:
         return values, 0, 0
     out = values.copy(order="K")
-    np.copyto(out, np.float32(0.0), where=inside & ~cleaned)
-    np.copyto(out, np.float32(1.0), where=cleaned & ~inside)
+    np.copyto(out, cleaned.astype(np.float32), where=inside != cleaned)  # flipped voxels: 0 or 1
     return out, removed, filled
 
 
@@ -76,6 +75,15 @@ def in_extent(coords: np.ndarray, extent: np.ndarray | None) -> np.ndarray:
     return np.all((coords >= lo) & (coords <= hi), axis=1)
 
 
+def extent_box(extent: np.ndarray | None, resolution: int) -> tuple[slice, slice, slice]:
+    """The cube's index box inside the scan's extent (the whole cube for None)."""
+    if extent is None:
+        return (slice(None),) * 3  # type: ignore[return-value]
+    lo = np.clip(np.ceil(extent[0] - 1e-6).astype(int), 0, resolution - 1)
+    hi = np.clip(np.floor(extent[1] + 1e-6).astype(int), lo, resolution - 1)
+    return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi, strict=True))  # type: ignore[return-value]
+
+
 def compute_band(volume: WindowedVolume, band: float = 3.0, iso_value: float = 0.5) -> BandField:
     """Narrow-band SDF of ``volume`` at ``iso_value`` and the inside masks of the touched latent cells."""
     check_iso(iso_value)
@@ -84,8 +92,16 @@ def compute_band(volume: WindowedVolume, band: float = 3.0, iso_value: float = 0
         raise CTInputError(f"{volume.case_id}: windowed volume of shape {volume.values.shape}; "
                            f"expected a cube whose side is a multiple of {LATENT_STRIDE}")
     step = float(np.linalg.norm(np.asarray(volume.affine)[:3, 0]))
-    values, removed, filled = surface_volume(volume.values, iso_value,
-                                             island_voxels(volume.surface.min_island_mm3, step))
+    edge = volume.surface.pad == "edge"
+    # islands are looked for inside the scan only: beyond it an edge-padded cube just repeats the border
+    box = extent_box(volume.scan_extent, res) if edge else (slice(None),) * 3
+    part, removed, filled = surface_volume(volume.values[box], iso_value,
+                                           island_voxels(volume.surface.min_island_mm3, step))
+    values = volume.values
+    if removed or filled:
+        values = volume.values.copy(order="K")
+        values[box] = part
+    del part
     try:
         voxels, distance = narrow_band_sdf(values, iso_value, band)
     except CTInputError as exc:
@@ -93,7 +109,7 @@ def compute_band(volume: WindowedVolume, band: float = 3.0, iso_value: float = 0
                            f"(W={volume.window.width:g}, L={volume.window.level:g}): {exc}") from exc
     # with edge padding the surface beyond the scan only repeats its border: not supervised (air padding
     # keeps the whole cap: the surface as windowed)
-    keep = in_extent(voxels, volume.scan_extent if volume.surface.pad == "edge" else None)
+    keep = in_extent(voxels, volume.scan_extent if edge else None)
     if not keep.all():
         voxels, distance = voxels[keep], distance[keep]
     if voxels.shape[0] == 0:

@@ -30,6 +30,7 @@ import cc3d
 import edt
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import convex_hull_image
 
 from ctvq.ct.errors import CTInputError
 
@@ -38,8 +39,9 @@ BODY_HU = -500.0  # body threshold: between air/foam (<= -700) and fat (-100); l
 BODY_CORE_MM = 6.0  # parts thinner than 2 x this (table tops, headrest shells) are not body cores
 BODY_PART_MM3 = 50_000.0  # a thick part this large (a cut arm) is body even when not joined to the torso
 BODY_MARGIN_MM = 3.0  # beyond the body's surface: what lies nearer is body (skin rims, touching pads)
+AIR_RIM_HU = -900.0  # below lung parenchyma (about -860): the air and foam a table or headrest lies in
 _OBJECT_RIM_MM = 3.0  # removed objects are widened by this so their partial-volume rims go too
-_COARSE_MM = 2.0  # the body mask is found on a grid of about this voxel size (cheap at 512 and 1024)
+_COARSE_MM = 3.0  # the body mask is found on a grid of about this voxel size (cheap at 512 and 1024)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def remove_islands(inside: np.ndarray, min_voxels: int) -> tuple[np.ndarray, int
     side smaller than ``min_voxels`` take the other side's label. The outside component touching the grid
     border is never a hole, however small. Works on the bounding box of the inside voxels only.
     """
-    out = inside.copy()
+    out = inside.copy(order="K")  # keep the layout: a transposing copy costs more than the labelling
     if min_voxels <= 1 or not out.any():
         return out, 0, 0
     lo, hi = _box(out)
@@ -159,41 +161,81 @@ def foreign_objects(hu_cube: np.ndarray, step_mm: float, extent: np.ndarray | No
     Found on a grid of about ``_COARSE_MM`` (strided view; the mask is a margin-wide zone, so its detail need
     not be finer): thick cores = voxels more than ``BODY_CORE_MM`` inside the HU > ``BODY_HU`` mask; body =
     the largest core and cores of at least ``BODY_PART_MM3``, grown by ``BODY_CORE_MM + BODY_MARGIN_MM``;
-    foreign = HU > ``BODY_HU`` outside the body, widened by ``_OBJECT_RIM_MM`` but never into the body.
+    foreign = HU > ``BODY_HU`` outside the body and outside its convex hull in every axial slice, standing
+    in air (``_in_air``), widened by ``_OBJECT_RIM_MM`` but never into the body.
     Lungs and gas are below the threshold, so they are never foreign, whatever their shape; for the core
     test they count as body (axial holes filled), so a thin chest wall over a lung stays body.
     """
+    shape = np.asarray(hu_cube.shape)
+    lo, hi = np.zeros(3, dtype=int), shape - 1
     if extent is not None:
-        shape = np.asarray(hu_cube.shape)
         lo = np.clip(np.ceil(extent[0] - 1e-6).astype(int), 0, shape - 1)
         hi = np.clip(np.floor(extent[1] + 1e-6).astype(int), lo, shape - 1)
-        if np.any(lo > 0) or np.any(hi < shape - 1):
-            crop = hu_cube[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1]
-            inner = foreign_objects(crop, step_mm)
-            widths = [(int(a), int(n - 1 - b)) for a, b, n in zip(lo, hi, shape, strict=True)]
-            out = np.pad(inner, widths, mode="edge")
-            fortran = hu_cube.flags.f_contiguous and not hu_cube.flags.c_contiguous
-            return np.asfortranarray(out) if fortran else out
     stride = max(1, int(_COARSE_MM / step_mm))
-    coarse = np.ascontiguousarray(hu_cube[::stride, ::stride, ::stride] > BODY_HU)
-    cstep = step_mm * stride
+    view = hu_cube[lo[0]:hi[0] + 1:stride, lo[1]:hi[1] + 1:stride, lo[2]:hi[2] + 1:stride]
+    coarse = _foreign_coarse(view, step_mm * stride)
+    if coarse is None:
+        return np.zeros(hu_cube.shape, dtype=bool, order="F" if _fortran(hu_cube) else "C")
+    # one gather maps every cube voxel to its coarse cell; clipping the index repeats the edge beyond the
+    # scan, as the edge-padded cube does
+    index = [np.clip((np.arange(n) - a) // stride, 0, c - 1) for n, a, c in zip(shape, lo, coarse.shape,
+                                                                                 strict=True)]
+    if _fortran(hu_cube):
+        return coarse.T[np.ix_(index[2], index[1], index[0])].T
+    return coarse[np.ix_(*index)]
+
+
+def _fortran(a: np.ndarray) -> bool:
+    return a.flags.f_contiguous and not a.flags.c_contiguous
+
+
+def _foreign_coarse(hu: np.ndarray, cstep: float) -> np.ndarray | None:
+    """``foreign_objects`` on the coarse grid (voxel ``cstep`` mm); None when there is nothing foreign."""
+    coarse = np.ascontiguousarray(hu > BODY_HU)
     if not coarse.any():
-        return np.zeros(hu_cube.shape, dtype=bool)
+        return None
     core = edt.edt(_fill_axial_holes(coarse), anisotropy=(cstep,) * 3, black_border=True) > BODY_CORE_MM
     labels, count = cc3d.connected_components(core, connectivity=6, return_N=True)
     if count == 0:
-        return np.zeros(hu_cube.shape, dtype=bool)
+        return None
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     keep = (sizes >= BODY_PART_MM3 / cstep**3) | (np.arange(sizes.size) == int(sizes.argmax()))
     keep[0] = False
     body_core = keep[labels]
     body = edt.edt(~body_core, anisotropy=(cstep,) * 3) <= BODY_CORE_MM + max(BODY_MARGIN_MM, 1.5 * cstep)
-    objects = coarse & ~body
+    body |= _axial_hulls(body_core)
+    objects = _in_air(coarse & ~body, np.ascontiguousarray(hu), cstep)
     if not objects.any():
-        return np.zeros(hu_cube.shape, dtype=bool)
-    foreign = (edt.edt(~objects, anisotropy=(cstep,) * 3) <= _OBJECT_RIM_MM) & ~body
-    return _upsample(foreign, stride, hu_cube)
+        return None
+    return (edt.edt(~objects, anisotropy=(cstep,) * 3) <= _OBJECT_RIM_MM) & ~body
+
+
+def _in_air(objects: np.ndarray, hu: np.ndarray, step_mm: float) -> np.ndarray:
+    """The objects whose surroundings (a ``_OBJECT_RIM_MM`` shell) are mostly air (HU < ``AIR_RIM_HU``):
+    a table or headrest stands in air, a lung vessel the field of view cut off from the body in lung."""
+    labels, count = cc3d.connected_components(objects, connectivity=26, return_N=True)
+    if count == 0:
+        return objects
+    _, nearest = ndimage.distance_transform_edt(labels == 0, sampling=step_mm, return_indices=True)
+    owner = labels[tuple(nearest)]
+    distance = edt.edt(labels == 0, anisotropy=(step_mm,) * 3)
+    # the shell skips the objects' own partial-volume rim (about a voxel): a thin plate is mostly rim
+    shell = (distance > 1.5 * step_mm) & (distance <= 1.5 * step_mm + _OBJECT_RIM_MM)
+    air = np.bincount(owner[shell], weights=(hu[shell] < AIR_RIM_HU), minlength=count + 1)
+    total = np.bincount(owner[shell], minlength=count + 1)
+    keep = air >= 0.5 * np.maximum(total, 1)
+    keep[0] = False
+    return keep[labels]
+
+
+def _axial_hulls(mask: np.ndarray) -> np.ndarray:
+    """The convex hull of ``mask`` in every axial slice: lung vessels where the field of view cuts a lung
+    (so its hole cannot be filled) lie inside the chest's hull; tables and headrests lie outside it."""
+    hulls = np.zeros(mask.shape, dtype=bool)
+    for z in np.flatnonzero(mask.any(axis=(0, 1))):
+        hulls[:, :, z] = convex_hull_image(mask[:, :, z])
+    return hulls
 
 
 def _fill_axial_holes(mask: np.ndarray) -> np.ndarray:
@@ -207,15 +249,6 @@ def _fill_axial_holes(mask: np.ndarray) -> np.ndarray:
         outside[np.unique(face)] = True
     outside[0] = True
     return mask | ~outside[labels]
-
-
-def _upsample(coarse: np.ndarray, stride: int, like: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour blow-up of a strided mask to ``like``'s shape and memory layout."""
-    fine = coarse
-    for axis in range(3):
-        fine = np.repeat(fine, stride, axis=axis)
-    fine = fine[: like.shape[0], : like.shape[1], : like.shape[2]]
-    return np.asfortranarray(fine) if like.flags.f_contiguous and not like.flags.c_contiguous else fine
 
 
 def island_voxels(min_island_mm3: float, step_mm: float) -> int:
