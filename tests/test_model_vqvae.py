@@ -224,3 +224,17 @@ def test_balanced_loss_is_not_fitted_by_outside_everywhere():
 
     assert best("uniform") == 1.0
     assert abs(best("balanced")) < 0.25
+
+
+def test_uniform_mix_moves_the_weights_from_the_scheme_to_the_plain_mean():
+    from ctvq.models.vqvae import reconstruction_loss, voxel_weights
+
+    target = torch.tensor([-1.0, -0.5, 0.2, 0.3, 1.0, 1.0, 1.0, 1.0])
+    pred = torch.linspace(-0.9, 0.9, 8)
+    balanced = voxel_weights(target, "balanced")
+    half = voxel_weights(target, "balanced", uniform_mix=0.5)
+    assert torch.allclose(half, 0.5 * balanced + 0.5 / 8) and float(half.sum()) == pytest.approx(1.0)
+    plain = reconstruction_loss(pred, target, "l1_l2", "uniform")
+    assert float(reconstruction_loss(pred, target, "l1_l2", "balanced", uniform_mix=1.0)) == pytest.approx(
+        float(plain))
+    assert float(reconstruction_loss(pred, target, "l1_l2", "balanced")) != pytest.approx(float(plain))

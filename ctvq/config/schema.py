@@ -259,6 +259,7 @@ class TrainerConfig:
     loss_type: Literal["mse", "l1", "l1_l2"] = spec(stage=("l1", "l1_l2"))
     stage1_mode: Literal["codebook", "autoencoder"] = spec("codebook")  # ctvq: see config_warnings
     recon_weighting: Literal["uniform", "balanced", "band"] = spec("balanced")  # ctvq: see voxel_weights
+    recon_weighting_anneal_steps: int = spec(0, check=NON_NEGATIVE)  # ctvq: see Trainer.uniform_mix
     lambda_vq: float = spec(1.0, check=NON_NEGATIVE)
     lambda_commitment: float = spec(0.25, check=NON_NEGATIVE)
     fp16_mode: Literal["amp", "inflat_all"] | None = spec("inflat_all")

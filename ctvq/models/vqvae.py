@@ -77,7 +77,7 @@ def gather_targets(
     return targets.to(decoded_coords.device)[rows, local[:, 0], local[:, 1], local[:, 2]]
 
 
-def voxel_weights(target: torch.Tensor, weighting: str) -> torch.Tensor | None:
+def voxel_weights(target: torch.Tensor, weighting: str, uniform_mix: float = 0.0) -> torch.Tensor | None:
     """Per-voxel loss weights summing to 1, or None for the plain mean (``uniform``).
 
     The decoder's targets are four groups: deep inside (-1, sign only), band inside (-1, 0), band outside
@@ -101,18 +101,21 @@ def voxel_weights(target: torch.Tensor, weighting: str) -> torch.Tensor | None:
     if int(present.sum()) < 2:
         return None
     share = torch.where(present, 1.0 / present.sum() / counts.clamp_min(1.0), torch.zeros_like(counts))
-    return share[group]
+    weights = share[group]
+    if uniform_mix > 0.0:
+        weights = (1.0 - uniform_mix) * weights + uniform_mix / target.numel()
+    return weights
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
-                        weighting: str = "uniform") -> torch.Tensor:
+                        weighting: str = "uniform", uniform_mix: float = 0.0) -> torch.Tensor:
     """mse | l1 | l1_l2 (= 0.5 * L1 + 0.5 * MSE), weighted means over voxels (see ``voxel_weights``)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}; use one of {LOSS_TYPES}")
     diff = pred - target
     per_voxel = {"mse": lambda: diff.square(), "l1": lambda: diff.abs(),
                  "l1_l2": lambda: 0.5 * diff.abs() + 0.5 * diff.square()}[loss_type]()
-    weights = voxel_weights(target, weighting)
+    weights = voxel_weights(target, weighting, uniform_mix)
     if weights is None:
         return per_voxel.mean()
     return (per_voxel * weights).sum()
@@ -335,6 +338,7 @@ class SparseSDFVQVAE(nn.Module):
 
     # -- training forward --------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any], loss_type: str = "l1", recon_weighting: str = "uniform",
+                uniform_mix: float = 0.0,
                 bypass_quantizer: bool = False) -> dict[str, Any]:
         """Encode, quantize, decode and compare with ``batch['targets']`` (matched by coordinates).
 
@@ -361,7 +365,7 @@ class SparseSDFVQVAE(nn.Module):
         return {
             "recon": recon,
             "target": target,
-            "recon_loss": reconstruction_loss(pred, target, loss_type, recon_weighting),
+            "recon_loss": reconstruction_loss(pred, target, loss_type, recon_weighting, uniform_mix),
             "codebook_loss": q.codebook_loss,
             "commitment_loss": q.commitment_loss,
             "indices": q.indices,

@@ -240,6 +240,11 @@ class Trainer:
         return path
 
     # -- one step ------------------------------------------------------------------------------------------
+    def uniform_mix(self) -> float:
+        """Share of the plain mean in the reconstruction weights: 0 -> 1 over recon_weighting_anneal_steps."""
+        steps = self.t.recon_weighting_anneal_steps
+        return min(1.0, self.step / steps) if steps else 0.0
+
     def train_step(self, micro_batches: list[dict[str, Any]], keep_output: bool = False
                    ) -> tuple[dict[str, float], tuple[dict[str, Any], dict[str, Any]] | None]:
         """Forward/backward every micro-batch, then one optimizer step -> (logs, batch 0's output)."""
@@ -261,7 +266,7 @@ class Trainer:
             with sync, grad:
                 with self.precision.autocast():
                     out = self.net(mb, loss_type=t.loss_type, recon_weighting=t.recon_weighting,
-                                   bypass_quantizer=self.autoencoder)
+                                   uniform_mix=self.uniform_mix(), bypass_quantizer=self.autoencoder)
                 loss = (out["recon_loss"].float() + t.lambda_vq * out["codebook_loss"].float()
                         + t.lambda_commitment * out["commitment_loss"].float())
                 if trains:
