@@ -19,6 +19,9 @@ The remedies, each a setting (``SurfaceSettings``, per-window defaults in ``SURF
 - ``pad``: ``edge`` replicates the scan's border voxels into the cube instead of air, so a cut surface runs
   straight on out of the field of view instead of being capped; the band then keeps only voxels inside
   the scan's extent (``scan_extent``), so nothing outside the scan is supervised.
+
+scipy, scikit-image, cc3d and edt are imported inside the functions that use them: the CLI imports this module
+for its settings, and those imports cost about 0.4 s at every `ctvq` start.
 """
 
 from __future__ import annotations
@@ -26,11 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import cc3d
-import edt
 import numpy as np
-from scipy import ndimage
-from skimage.morphology import convex_hull_image
 
 from ctvq.ct.errors import CTInputError
 
@@ -99,6 +98,7 @@ def smooth_hu(hu: np.ndarray, spacing: tuple[float, float, float], sigma_mm: flo
 
     Truncated at 3 sigma: the tails beyond change the iso-surface by far less than the quantisation.
     """
+    from scipy import ndimage
     sigma = [sigma_mm / s for s in spacing]
     return ndimage.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma, truncate=3.0, mode="nearest")
 
@@ -133,6 +133,7 @@ def _flip_small(mask: np.ndarray, min_voxels: int, value: bool) -> int:
     cc3d labels and measures in C (about 10x faster than scipy.ndimage.label + bincount at 512³); the small
     components are then cleared inside their own bounding boxes, never with a full-grid pass.
     """
+    import cc3d
     target = mask if value else ~mask
     labels, count = cc3d.connected_components(target, connectivity=6, return_N=True)
     if count == 0:
@@ -191,6 +192,8 @@ def _fortran(a: np.ndarray) -> bool:
 
 def _foreign_coarse(hu: np.ndarray, cstep: float) -> np.ndarray | None:
     """``foreign_objects`` on the coarse grid (voxel ``cstep`` mm); None when there is nothing foreign."""
+    import cc3d
+    import edt
     coarse = np.ascontiguousarray(hu > BODY_HU)
     if not coarse.any():
         return None
@@ -214,6 +217,9 @@ def _foreign_coarse(hu: np.ndarray, cstep: float) -> np.ndarray | None:
 def _in_air(objects: np.ndarray, hu: np.ndarray, step_mm: float) -> np.ndarray:
     """The objects whose surroundings (a ``_OBJECT_RIM_MM`` shell) are mostly air (HU < ``AIR_RIM_HU``):
     a table or headrest stands in air, a lung vessel the field of view cut off from the body in lung."""
+    import cc3d
+    import edt
+    from scipy import ndimage
     labels, count = cc3d.connected_components(objects, connectivity=26, return_N=True)
     if count == 0:
         return objects
@@ -232,6 +238,7 @@ def _in_air(objects: np.ndarray, hu: np.ndarray, step_mm: float) -> np.ndarray:
 def _axial_hulls(mask: np.ndarray) -> np.ndarray:
     """The convex hull of ``mask`` in every axial slice: lung vessels where the field of view cuts a lung
     (so its hole cannot be filled) lie inside the chest's hull; tables and headrests lie outside it."""
+    from skimage.morphology import convex_hull_image
     hulls = np.zeros(mask.shape, dtype=bool)
     for z in np.flatnonzero(mask.any(axis=(0, 1))):
         hulls[:, :, z] = convex_hull_image(mask[:, :, z])
@@ -241,6 +248,7 @@ def _axial_hulls(mask: np.ndarray) -> np.ndarray:
 def _fill_axial_holes(mask: np.ndarray) -> np.ndarray:
     """``mask`` with, in every axial (x, y) slice, the background not connected to the slice's border
     filled: lungs and bowel gas make the body look thin (a chest wall) unless counted as body."""
+    from scipy import ndimage
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[:, 1, 1] = in_plane[1, :, 1] = True
     labels, count = ndimage.label(~mask, structure=in_plane)
