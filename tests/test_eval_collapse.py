@@ -120,3 +120,23 @@ def test_eval_flags_collapsed_cases_writes_everything_and_fails_when_all_collaps
     assert healthy["collapsed_cases"] == 0
     rows = list(csv.DictReader((tmp_path / "random" / "cases.csv").open()))
     assert [r["collapsed"] for r in rows] == ["False"] * 2
+
+
+@pytest.mark.parametrize("crafted", ["../../escaped", "/tmp/escaped_abs"])
+def test_eval_refuses_a_sample_whose_case_id_would_write_outside_its_folder(runs, tmp_path, capsys, crafted):
+    from dataclasses import replace
+
+    from ctvq.data.sample import load_sample
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sample = replace(load_sample(runs["samples"] / "sphere0.npz"), case_id=crafted)
+    save_sample(sample, data / "crafted.npz")
+    out = tmp_path / "a" / "b" / "out"
+    rc = main(["eval", "--ckpt", str(runs["random"] / "ckpts" / "final.pt"), "--data", str(data),
+               "-o", str(out / "metrics.json"), "--points", "200"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and "cannot name output files" in err[-1] and "crafted.npz" in err[-1]
+    written = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    written += [p.name for p in Path("/tmp").glob("escaped*")]
+    assert not any(name.startswith("escaped") for name in written)

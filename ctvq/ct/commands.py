@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ctvq.ct.band import load_band, save_band
+from ctvq.ct.case_id import check_case_id
 from ctvq.ct.errors import CTInputError, warnings_as_lines
 from ctvq.ct.index import build_index
 from ctvq.ct.io import FILE_SUFFIXES, write_ct, write_dicom_series
@@ -53,12 +54,19 @@ def run_phantom(output: Path, seed: int, shape: tuple[int, int, int], spacing: t
     clock.log(f"wrote {output}")
 
 
+def _checked_case_id(case_id: str) -> str:
+    try:
+        return check_case_id(case_id, "--case-id")
+    except ValueError as exc:
+        raise CTInputError(str(exc)) from None
+
+
 def run_window(source: Path, output: Path, window_name: str, width: float | None, level: float | None,
                resolution: int, case_id: str | None, quiet: bool = False,
                surface: SurfaceSettings | None = None) -> None:
     window = get_window(window_name, width, level)
     surface = surface or surface_settings(window.name)
-    case = case_id or default_case_id(source)
+    case = default_case_id(source) if case_id is None else _checked_case_id(case_id)
     clock = _Clock("window", case, quiet)
     with warnings_as_lines("ctvq window"):
         volume = window_scan(source, window, resolution, case, surface)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ctvq.ct.band import BandField, compute_band
+from ctvq.ct.case_id import safe_case_id
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.index import build_index
 from ctvq.ct.io import CTImage, read_ct
@@ -26,12 +27,14 @@ __all__ = ["build_band", "build_sample", "default_case_id", "load_windowed", "wi
 
 
 def default_case_id(path: str | os.PathLike) -> str:
-    """File name without its image suffixes (``chest.nii.gz`` -> ``chest``); a folder keeps its name."""
+    """File name without its image suffixes (``chest.nii.gz`` -> ``chest``); a folder keeps its name.
+
+    Characters a file name may not carry safely (spaces, ...) become '_' (see ``ctvq.ct.case_id``)."""
     name = Path(path).name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".npz"):
         if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+            return safe_case_id(name[: -len(suffix)])
+    return safe_case_id(name)
 
 
 def window_image(ct: CTImage, window: Window, resolution: int, case_id: str,

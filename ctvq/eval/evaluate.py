@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctvq.ct.case_id import case_id_problem
 from ctvq.ct.splits import SPLITS
 from ctvq.ct.volume_file import load_windowed
 from ctvq.data.datasets import DatasetError, read_manifest
@@ -243,6 +244,10 @@ def _load_cases(data: str | os.PathLike, settings: DataSettings, splits: Sequenc
 def _write_case_outputs(result: CaseEvaluation, case: EvalCase, sample: SparseSample, output_dir: Path, *,
                         meshes: bool, figures: bool, windowed_dir: Path | None) -> None:
     """The case's PLY meshes and slice figure (over its windowed volume when one is found)."""
+    problem = case_id_problem(sample.case_id)
+    if problem is not None:  # a crafted id such as ../../x would write outside output_dir
+        raise EvalInputError(f"{case.path}: case id {sample.case_id!r} cannot name output files: {problem}; "
+                             "rebuild the sample with a plain --case-id")
     name = sample.case_id
     if meshes:
         write_ply(result.input_mesh, output_dir / "meshes" / f"{name}_input.ply")
