@@ -55,7 +55,8 @@ def test_phantom_to_manifest_chain(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 0
     table = read_manifest(manifest)
     assert list(table.columns) == ["case_id", "source", "sample_path", "window", "resolution", "spacing",
-                                   "num_points", "num_latent", "bbox", "status", "split"]
+                                   "num_points", "num_latent", "bbox", "status", "split", "smooth_mm",
+                                   "min_island_mm3", "body_mask", "pad", "scan_extent"]
     assert list(table["split"]) == ["train", "train"]  # one case only: no hold-out possible
     lung, bone = table.iloc[0], table.iloc[1]
     assert lung["status"] == "ok" and lung["sample_path"] == "lung_s.npz" and lung["source"] == str(scan)

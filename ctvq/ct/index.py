@@ -6,6 +6,7 @@ import numpy as np
 
 from ctvq.ct.band import BandField, flat_cells, occupied_cells
 from ctvq.ct.errors import CTInputError
+from ctvq.ct.volume_file import extent_or_cube
 from ctvq.data.sample import SparseSample
 
 
@@ -41,6 +42,11 @@ def build_index(field: BandField) -> SparseSample:
         inside_bits=np.ascontiguousarray(field.inside_bits),
         source=field.source,
         spacing=np.asarray(field.spacing, dtype=np.float64),
+        smooth_mm=float(field.surface.smooth_mm),
+        min_island_mm3=float(field.surface.min_island_mm3),
+        body_mask=bool(field.surface.body_mask),
+        pad=str(field.surface.pad),
+        scan_extent=extent_or_cube(field.scan_extent, field.resolution),
     )
     sample.validate(field.case_id)
     return sample

@@ -7,14 +7,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ctvq.ct.atomic import atomic_output
 from ctvq.ct.splits import SplitRule
-from ctvq.data.sample import load_sample
+from ctvq.data.sample import SparseSample, load_sample
 
 COLUMNS = ("case_id", "source", "sample_path", "window", "resolution", "spacing", "num_points", "num_latent",
-           "bbox", "status", "split")
+           "bbox", "status", "split", "smooth_mm", "min_island_mm3", "body_mask", "pad", "scan_extent")
 
 
 def manifest_table(sample_paths: Sequence[str | os.PathLike], manifest_dir: str | os.PathLike,
@@ -42,6 +43,7 @@ def manifest_table(sample_paths: Sequence[str | os.PathLike], manifest_dir: str 
             "num_latent": sample.num_latent,
             "bbox": bbox,
             "status": "ok" if n >= min_points else f"filtered: min_points ({n} < {min_points})",
+            **surface_columns(sample),
         })
     rule = split if split is not None else SplitRule()
     splits = rule.assign([r["case_id"] for r in rows], [r["status"] == "ok" for r in rows])
@@ -50,11 +52,21 @@ def manifest_table(sample_paths: Sequence[str | os.PathLike], manifest_dir: str 
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
+def surface_columns(sample: SparseSample) -> dict[str, object]:
+    """How the case's surface was cleaned; ``scan_extent`` (cube indices lo x,y,z,hi x,y,z) is empty when
+    unknown (a version-2 sample)."""
+    extent = np.asarray(sample.scan_extent, dtype=np.float64).ravel()
+    return {"smooth_mm": sample.smooth_mm, "min_island_mm3": sample.min_island_mm3,
+            "body_mask": sample.body_mask, "pad": sample.pad,
+            "scan_extent": ",".join(f"{v:.6g}" for v in extent) if np.isfinite(extent).all() else ""}
+
+
 def write_manifest(table: pd.DataFrame, path: str | os.PathLike) -> None:
     with atomic_output(path) as tmp:
         table.to_csv(tmp, index=False)
 
 
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"case_id": str, "source": str, "spacing": str, "bbox": str, "split": str},
+    return pd.read_csv(path, dtype={"case_id": str, "source": str, "spacing": str, "bbox": str, "split": str,
+                                    "pad": str, "scan_extent": str},
                        keep_default_na=False)

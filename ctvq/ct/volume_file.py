@@ -108,10 +108,15 @@ def save_windowed(volume: WindowedVolume, path: str | os.PathLike) -> None:
 def surface_arrays(surface: SurfaceSettings, extent: np.ndarray | None, resolution: int
                    ) -> dict[str, np.ndarray]:
     """The surface settings and scan extent as file members (shared by the windowed and band files)."""
-    full = np.array([[-0.5] * 3, [resolution - 0.5] * 3])
     return {"smooth_mm": np.asarray(surface.smooth_mm), "min_island_mm3": np.asarray(surface.min_island_mm3),
             "body_mask": np.asarray(surface.body_mask), "pad": np.asarray(surface.pad),
-            "scan_extent": np.asarray(full if extent is None else extent, dtype=np.float64)}
+            "scan_extent": extent_or_cube(extent, resolution)}
+
+
+def extent_or_cube(extent: np.ndarray | None, resolution: int) -> np.ndarray:
+    """The scan extent as a (2, 3) float64 array; None (the scan fills the cube) as the whole cube."""
+    full = np.array([[-0.5] * 3, [resolution - 0.5] * 3])
+    return np.asarray(full if extent is None else extent, dtype=np.float64)
 
 
 SURFACE_KEYS = ("smooth_mm", "min_island_mm3", "body_mask", "pad", "scan_extent")

@@ -1,7 +1,10 @@
 """The training-sample contract: one compressed ``.npz`` per case, written by ``ctvq index``.
 
 Everything downstream (datasets, trainer, evaluation, tokens) reads samples through this module, so the
-on-disk layout lives in exactly one place. The format is versioned; a file of another version is refused.
+on-disk layout lives in exactly one place. The format is versioned: version 3 is written; version 2 (before
+the surface settings were recorded) is still read, so existing sample caches keep working, with the settings
+it was necessarily made with: raw (no smoothing, no island removal, no body mask, air padding) and an
+unknown (NaN) scan extent. Any other version is refused.
 
 Layout (all arrays C-ordered, voxel coordinates are (x, y, z) indices into the ``resolution``³ grid):
 
@@ -14,8 +17,12 @@ Layout (all arrays C-ordered, voxel coordinates are (x, y, z) indices into the `
                                    C order): the truncated sign of every decoded voxel outside the band.
 - ``affine``        (4, 4) float64 voxel index (x, y, z, 1) -> patient millimetres (LPS, as SimpleITK).
 - ``spacing``       (3,)   float64 voxel spacing (mm) of the original scan (provenance, for the manifest).
+- ``scan_extent``   (2, 3) float64 lowest / highest cube index (x, y, z) inside the original scan's field of
+                                   view (voxel edges included); NaN when unknown (version 2).
 - scalars: ``format_version``, ``case_id``, ``window``, ``window_width``, ``window_level``, ``iso_value``
-  (on the windowed [0, 1] scale), ``resolution``, ``band`` (voxels), ``source`` (the scan it came from).
+  (on the windowed [0, 1] scale), ``resolution``, ``band`` (voxels), ``source`` (the scan it came from),
+  and how ``ctvq window`` cleaned the surface (``ctvq.ct.surface.SurfaceSettings``): ``smooth_mm``,
+  ``min_island_mm3``, ``body_mask``, ``pad`` (``edge`` or ``air``).
 """
 
 from __future__ import annotations
@@ -27,12 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 2  # 2: adds source and spacing (provenance)
+FORMAT_VERSION = 3  # 2: adds source and spacing (provenance); 3: adds the surface settings and scan extent
+READ_VERSIONS = (2, FORMAT_VERSION)
 LATENT_STRIDE = 8
 CELL_VOXELS = LATENT_STRIDE**3
 
-_ARRAYS = ("coords", "sdf", "latent_coords", "cell_start", "inside_bits", "affine", "spacing")
-_SCALARS = ("case_id", "window", "window_width", "window_level", "iso_value", "resolution", "band", "source")
+_ARRAYS = ("coords", "sdf", "latent_coords", "cell_start", "inside_bits", "affine", "spacing", "scan_extent")
+_SCALARS = ("case_id", "window", "window_width", "window_level", "iso_value", "resolution", "band", "source",
+            "smooth_mm", "min_island_mm3", "body_mask", "pad")
+_SINCE_V3 = ("scan_extent", "smooth_mm", "min_island_mm3", "body_mask", "pad")
 
 
 class SampleFormatError(ValueError):
@@ -56,6 +66,12 @@ class SparseSample:
     inside_bits: np.ndarray
     source: str = ""
     spacing: np.ndarray = field(default_factory=lambda: np.full(3, np.nan))
+    # surface settings of `ctvq window` (defaults: raw, what a version-2 sample was made with)
+    smooth_mm: float = 0.0
+    min_island_mm3: float = 0.0
+    body_mask: bool = False
+    pad: str = "air"
+    scan_extent: np.ndarray = field(default_factory=lambda: np.full((2, 3), np.nan))
 
     @property
     def num_points(self) -> int:
@@ -81,6 +97,10 @@ class SparseSample:
             problems.append(f"inside_bits has shape {self.inside_bits.shape}, expected ({m}, 64)")
         if self.affine.shape != (4, 4):
             problems.append(f"affine has shape {self.affine.shape}, expected (4, 4)")
+        if np.shape(self.scan_extent) != (2, 3):
+            problems.append(f"scan_extent has shape {np.shape(self.scan_extent)}, expected (2, 3)")
+        if self.pad not in ("edge", "air"):
+            problems.append(f"pad {self.pad!r} is not edge or air")
         if self.resolution % LATENT_STRIDE:
             problems.append(f"resolution {self.resolution} is not a multiple of {LATENT_STRIDE}")
         if n and (self.coords.min() < 0 or self.coords.max() >= self.resolution):
@@ -127,14 +147,15 @@ def save_sample(sample: SparseSample, path: str | os.PathLike) -> None:
         raise
 
 
-def check_format_version(data: np.lib.npyio.NpzFile, path: Path) -> None:
-    """Refuse a sample written by another format version (one rule for full loads and header peeks)."""
+def check_format_version(data: np.lib.npyio.NpzFile, path: Path) -> int:
+    """The file's format version; refuse one this ctvq cannot read (one rule for full loads and peeks)."""
     version = int(data["format_version"]) if "format_version" in data else None
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise SampleFormatError(
-            f"{path}: sample format version {version}, this ctvq reads version {FORMAT_VERSION}; "
-            "re-run `ctvq index` on the case"
+            f"{path}: sample format version {version}, this ctvq reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}; re-run `ctvq index` on the case"
         )
+    return version
 
 
 def load_sample(path: str | os.PathLike) -> SparseSample:
@@ -143,12 +164,13 @@ def load_sample(path: str | os.PathLike) -> SparseSample:
         raise SampleFormatError(f"{path}: sample file does not exist")
     try:
         with np.load(path, allow_pickle=False) as data:
-            check_format_version(data, path)
-            missing = [k for k in (*_ARRAYS, *_SCALARS) if k not in data]
+            version = check_format_version(data, path)
+            wanted = [k for k in (*_ARRAYS, *_SCALARS) if version >= 3 or k not in _SINCE_V3]
+            missing = [k for k in wanted if k not in data]
             if missing:
                 raise SampleFormatError(f"{path}: sample lacks {', '.join(missing)}")
-            fields = {k: data[k] for k in _ARRAYS}
-            scalars = {k: data[k].item() for k in _SCALARS}
+            fields = {k: data[k] for k in _ARRAYS if k in wanted}  # absent (version 2): the raw defaults
+            scalars = {k: data[k].item() for k in _SCALARS if k in wanted}
     except SampleFormatError:
         raise
     except Exception as exc:  # zipfile/npy errors: name the file, keep the cause
@@ -163,6 +185,8 @@ def load_sample(path: str | os.PathLike) -> SparseSample:
         band=float(scalars["band"]),
         source=str(scalars["source"]),
         **fields,
+        **({"smooth_mm": float(scalars["smooth_mm"]), "min_island_mm3": float(scalars["min_island_mm3"]),
+            "body_mask": bool(scalars["body_mask"]), "pad": str(scalars["pad"])} if version >= 3 else {}),
     )
     sample.validate(str(path))
     return sample
