@@ -52,6 +52,8 @@ def register_command(command: Command) -> None:
 for _command in (
     Command("phantom", "write a synthetic chest CT (HU) as a scan file or DICOM series",
             f"{_CT}:configure_phantom", f"{_CT}:phantom_command"),
+    Command("discover", "list the cases a scan folder holds (scan files, DICOM series at any depth) and "
+            "what is skipped and why", f"{_CT}:configure_discover", f"{_CT}:discover_command"),
     Command("window", "read a scan, resample it into the resolution^3 cube and apply an HU window",
             f"{_CT}:configure_window", f"{_CT}:window_command"),
     Command("sdf", "narrow-band signed distance to the window's iso-surface",

@@ -86,6 +86,13 @@ def extent_box(extent: np.ndarray | None, resolution: int) -> tuple[slice, slice
 
 def compute_band(volume: WindowedVolume, band: float = 3.0, iso_value: float = 0.5) -> BandField:
     """Narrow-band SDF of ``volume`` at ``iso_value`` and the inside masks of the touched latent cells."""
+    return band_and_inside(volume, band, iso_value)[0]
+
+
+def band_and_inside(volume: WindowedVolume, band: float = 3.0, iso_value: float = 0.5
+                    ) -> tuple[BandField, np.ndarray]:
+    """``compute_band`` and the whole cube's inside mask after island removal (the sign the band's cells
+    hold, everywhere: for a dense picture of the field, ``dense_field``)."""
     check_iso(iso_value)
     res = volume.resolution
     if volume.values.shape != (res, res, res) or res % LATENT_STRIDE:
@@ -120,14 +127,23 @@ def compute_band(volume: WindowedVolume, band: float = 3.0, iso_value: float = 0
     side = res // LATENT_STRIDE
     cells = occupied_cells(flat_cells(coords, res), side)
     latent = np.stack(np.unravel_index(cells, (side,) * 3), axis=1).astype(np.int16)
-    bits = np.packbits(cell_masks(np.greater(values, iso_value), latent).reshape(-1, CELL_VOXELS),
-                       axis=1)
+    inside = np.greater(values, iso_value)
+    bits = np.packbits(cell_masks(inside, latent).reshape(-1, CELL_VOXELS), axis=1)
     sdf = np.clip(distance / np.float32(band), -1.0, 1.0).astype(np.float32)
     return BandField(coords=coords, sdf=sdf, latent_coords=latent, inside_bits=bits, band=float(band),
                      iso_value=float(iso_value), resolution=res, affine=volume.affine, window=volume.window,
                      case_id=volume.case_id, source=volume.source, spacing=volume.spacing,
                      surface=volume.surface, scan_extent=volume.scan_extent, islands_removed=removed,
-                     holes_filled=filled)
+                     holes_filled=filled), inside
+
+
+def dense_field(field: BandField, inside: np.ndarray) -> np.ndarray:
+    """The field the decoder learns, on the whole cube (float32): the band's sdf (distance / band) in the
+    band, -1 inside and +1 outside elsewhere."""
+    out = np.where(inside, np.float32(-1.0), np.float32(1.0))
+    c = field.coords.astype(np.intp)
+    out[c[:, 0], c[:, 1], c[:, 2]] = field.sdf
+    return out
 
 
 def flat_cells(coords: np.ndarray, resolution: int) -> np.ndarray:

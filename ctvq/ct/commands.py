@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ctvq.ct.band import load_band, save_band
+from ctvq.ct.band import band_and_inside, dense_field, load_band, save_band
 from ctvq.ct.case_id import check_case_id
 from ctvq.ct.errors import CTInputError, warnings_as_lines
 from ctvq.ct.index import build_index
@@ -22,7 +22,7 @@ from ctvq.ct.phantom import chest_phantom
 from ctvq.ct.pipeline import build_band, default_case_id, load_windowed, window_scan
 from ctvq.ct.splits import DEFAULT_FRACTIONS, SPLITS, SplitError, SplitRule, parse_fractions
 from ctvq.ct.surface import PADS, SURFACE_DEFAULTS, SurfaceSettings, surface_settings
-from ctvq.ct.volume_file import save_windowed
+from ctvq.ct.volume_file import WindowedVolume, save_windowed
 from ctvq.ct.windows import CUSTOM, DEFAULT_ISO, WINDOWS, get_window
 from ctvq.data.sample import save_sample
 
@@ -63,9 +63,11 @@ def _checked_case_id(case_id: str) -> str:
 
 def run_window(source: Path, output: Path, window_name: str, width: float | None, level: float | None,
                resolution: int, case_id: str | None, quiet: bool = False,
-               surface: SurfaceSettings | None = None) -> None:
+               surface: SurfaceSettings | None = None, preview: Path | None = None,
+               nifti: Path | None = None) -> None:
     window = get_window(window_name, width, level)
     surface = surface or surface_settings(window.name)
+    check_picture_paths(preview, nifti)
     case = default_case_id(source) if case_id is None else _checked_case_id(case_id)
     clock = _Clock("window", case, quiet)
     with warnings_as_lines("ctvq window"):
@@ -74,17 +76,62 @@ def run_window(source: Path, output: Path, window_name: str, width: float | None
               f"L={window.level:g}; surface: {surface.describe()})")
     save_windowed(volume, output)
     clock.log(f"wrote {output}")
+    write_window_pictures(volume, preview, nifti, clock)
 
 
-def run_sdf(source: Path, output: Path, band: float, iso: float, quiet: bool = False) -> None:
+def check_picture_paths(preview: Path | None, nifti: Path | None) -> None:
+    """Refuse a picture name of the wrong kind before any work (the suffix picks the writer)."""
+    from ctvq.ct.nifti import check_nifti_path
+
+    if preview is not None and preview.suffix.lower() != ".png":
+        raise CTInputError(f"--preview {preview}: not a PNG name; end it with .png")
+    if nifti is not None:
+        check_nifti_path(nifti)
+
+
+def volume_step(volume: WindowedVolume) -> float:
+    return float(sum(v * v for v in volume.affine[:3, 0]) ** 0.5)
+
+
+def write_window_pictures(volume: WindowedVolume, preview: Path | None, nifti: Path | None,
+                          clock: _Clock) -> None:
+    """The optional outputs of ``ctvq window`` for people: a PNG of three slices, the cube as NIfTI."""
+    if preview is not None:
+        from ctvq.ct.preview import save_window_preview  # matplotlib: only when a picture is asked for
+
+        w = volume.window
+        save_window_preview(volume.values, volume.affine, preview,
+                            f"{volume.case_id}  {w.name} W={w.width:g} L={w.level:g}  {volume.resolution}^3 "
+                            f"at {volume_step(volume):.3g} mm  surface: "
+                            f"{volume.surface.describe()}")
+        clock.log(f"wrote {preview}")
+    if nifti is not None:
+        from ctvq.ct.nifti import write_cube_nifti
+
+        write_cube_nifti(volume.values, volume.affine, nifti)
+        clock.log(f"wrote {nifti} (windowed values in [0, 1])")
+
+
+def run_sdf(source: Path, output: Path, band: float, iso: float, quiet: bool = False,
+            nifti: Path | None = None) -> None:
+    check_picture_paths(None, nifti)
     volume = load_windowed(source)
     clock = _Clock("sdf", volume.case_id, quiet)
-    field = build_band(volume, band=band, iso_value=iso)
+    if nifti is None:
+        field = build_band(volume, band=band, iso_value=iso)
+    else:
+        field, inside = band_and_inside(volume, band=band, iso_value=iso)
     clock.log(f"narrow band |d| <= {band:g}: {field.coords.shape[0]} voxels, "
               f"{field.latent_coords.shape[0]} latent cells ({field.islands_removed} islands removed, "
               f"{field.holes_filled} holes filled)")
     save_band(field, output)
     clock.log(f"wrote {output}")
+    if nifti is not None:
+        from ctvq.ct.nifti import write_cube_nifti
+
+        del volume
+        write_cube_nifti(dense_field(field, inside), field.affine, nifti)
+        clock.log(f"wrote {nifti} (distance / band in the band, -1 inside and +1 outside beyond it)")
 
 
 def run_index(source: Path, output: Path, quiet: bool = False) -> None:
@@ -130,6 +177,12 @@ def configure_window(p: argparse.ArgumentParser) -> None:
                    help="fill outside the scan by repeating its border (edge: a cut body runs straight on, "
                         "and the band keeps only voxels inside the scan) or with air (caps cut bodies) "
                         "(default: edge)")
+    p.add_argument("--preview", type=Path, metavar="PNG",
+                   help="also write a picture: axial, coronal and sagittal slices through the cube's centre "
+                        "(radiological orientation, mm axes)")
+    p.add_argument("--nifti", type=Path, metavar="NII_GZ",
+                   help="also write the windowed cube as NIfTI (.nii.gz) with its patient geometry, to open "
+                        "in 3D Slicer over the scan")
 
 
 def configure_sdf(p: argparse.ArgumentParser) -> None:
@@ -138,6 +191,9 @@ def configure_sdf(p: argparse.ArgumentParser) -> None:
     p.add_argument("--band", type=float, default=3.0, help="band half-width in voxels (default 3)")
     p.add_argument("--iso", type=float, default=DEFAULT_ISO,
                    help="iso value on the windowed scale (default 0.5)")
+    p.add_argument("--nifti", type=Path, metavar="NII_GZ",
+                   help="also write the field as a dense NIfTI (.nii.gz) with the cube's geometry, for 3D "
+                        "Slicer: distance / band in the band, -1 inside and +1 outside beyond it")
 
 
 def configure_index(p: argparse.ArgumentParser) -> None:
@@ -207,12 +263,13 @@ def phantom_command(a: argparse.Namespace) -> int:
 
 def window_command(a: argparse.Namespace) -> int:
     surface = surface_settings(a.window, a.smooth_mm, a.min_island_mm3, a.body_mask, a.pad, cli=True)
-    run_window(a.input, a.output, a.window, a.width, a.level, a.resolution, a.case_id, surface=surface)
+    run_window(a.input, a.output, a.window, a.width, a.level, a.resolution, a.case_id, surface=surface,
+               preview=a.preview, nifti=a.nifti)
     return 0
 
 
 def sdf_command(a: argparse.Namespace) -> int:
-    run_sdf(a.input, a.output, a.band, a.iso)
+    run_sdf(a.input, a.output, a.band, a.iso, nifti=a.nifti)
     return 0
 
 

@@ -82,16 +82,19 @@ class CTImage:
         return out
 
 
-def read_ct(path: str | os.PathLike, require_volume: bool = True) -> CTImage:
+def read_ct(path: str | os.PathLike, require_volume: bool = True, series_uid: str | None = None) -> CTImage:
     """Read a scan file or a DICOM series folder, check it holds CT HU, and return it.
 
     ``require_volume=False`` accepts a single slice (size 1 along z), e.g. for an HU check of one DICOM file.
+    ``series_uid`` picks one series of a folder holding several (without it such a folder is refused).
     Raises CTInputError (message starts with the path) for anything that is not a usable CT.
     """
     path = Path(path)
     if not path.exists():
         raise CTInputError(f"{path}: no such file or directory")
-    image = _read_dicom_series(path) if path.is_dir() else _read_file(path)
+    if series_uid is not None and not path.is_dir():
+        raise CTInputError(f"{path}: a DICOM series UID is given but this is a file, not a series folder")
+    image = _read_dicom_series(path, series_uid) if path.is_dir() else _read_file(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CTInputError(f"{path}: image has {image.GetNumberOfComponentsPerPixel()} components per voxel, "
                            "a CT scan has one (grey values)")
@@ -323,17 +326,32 @@ def _scan_data(path: Path, compressed: bool, offset: int, data_bytes: int,
     return total, nonfinite
 
 
-def _read_dicom_series(path: Path) -> sitk.Image:
+def dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """The DICOM series among ``folder``'s own files (not its sub-folders): series UID -> slice files, as
+    GDCM groups them; empty when none is an image slice."""
+    reader = sitk.ImageSeriesReader()
+    with _native_stderr_captured():
+        uids = reader.GetGDCMSeriesIDs(str(folder))
+        return {uid: list(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+
+
+def _read_dicom_series(path: Path, series_uid: str | None = None) -> sitk.Image:
     if not any(path.iterdir()):
         raise CTInputError(f"{path}: folder is empty (expected a DICOM series)")
     reader = sitk.ImageSeriesReader()
     with _native_stderr_captured():
         series = reader.GetGDCMSeriesIDs(str(path))
     if not series:
-        raise CTInputError(f"{path}: folder holds no DICOM series")
+        raise CTInputError(f"{path}: folder holds no DICOM series (one in a sub-folder: give that folder; "
+                           "`ctvq discover` lists every series below a folder)")
+    if series_uid is not None:
+        if series_uid not in series:
+            raise CTInputError(f"{path}: folder holds no DICOM series {series_uid} (it holds "
+                               f"{', '.join(series[:3])}{'...' if len(series) > 3 else ''})")
+        series = (series_uid,)
     if len(series) > 1:
         raise CTInputError(f"{path}: folder holds {len(series)} DICOM series ({', '.join(series[:3])}...); "
-                           "give a folder with exactly one")
+                           "give a folder with exactly one, or pick one with --series UID")
     with _native_stderr_captured():
         files = reader.GetGDCMSeriesFileNames(str(path), series[0])
     reader.SetFileNames(files)

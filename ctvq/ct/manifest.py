@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ctvq.ct.atomic import atomic_output
+from ctvq.ct.failure import read_failure
 from ctvq.ct.splits import SplitRule
 from ctvq.data.sample import SparseSample, load_sample
 
@@ -22,9 +23,16 @@ def manifest_table(sample_paths: Sequence[str | os.PathLike], manifest_dir: str 
                    min_points: int = 100, split: SplitRule | None = None) -> pd.DataFrame:
     """Rows for ``sample_paths`` (paths stored relative to ``manifest_dir``); ``status`` is ``ok`` or
     ``filtered: min_points (N < min_points)``; ``split`` by ``split`` (default: `SplitRule()`, the hash
-    rule with train=0.8,val=0.2, seed 0). Unreadable samples raise SampleFormatError."""
+    rule with train=0.8,val=0.2, seed 0). A failure record (``--record-failure``) gives a row with status
+    ``failed: <step>: <reason>`` and no counts. Unreadable samples raise SampleFormatError."""
     rows = []
     for path in sample_paths:
+        failure = read_failure(path)
+        if failure is not None:
+            rows.append({"case_id": failure.case_id, "source": failure.source, "window": failure.window,
+                         "sample_path": os.path.relpath(Path(path).resolve(), Path(manifest_dir).resolve()),
+                         "status": failure.status})
+            continue
         sample = load_sample(path)
         n = sample.num_points
         if n:
@@ -49,7 +57,10 @@ def manifest_table(sample_paths: Sequence[str | os.PathLike], manifest_dir: str 
     splits = rule.assign([r["case_id"] for r in rows], [r["status"] == "ok" for r in rows])
     for row, name in zip(rows, splits, strict=True):
         row["split"] = name
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    counts = ["resolution", "num_points", "num_latent"]
+    table[counts] = table[counts].astype("Int64")  # a failed row has none: stays integer, written empty
+    return table
 
 
 def surface_columns(sample: SparseSample) -> dict[str, object]:

@@ -70,9 +70,11 @@ def window_image(ct: CTImage, window: Window, resolution: int, case_id: str,
 
 
 def window_scan(path: str | os.PathLike, window: Window, resolution: int,
-                case_id: str | None = None, surface: SurfaceSettings | None = None) -> WindowedVolume:
-    """Read a scan file or DICOM folder and window it (see ``window_image``)."""
-    ct = read_ct(path)
+                case_id: str | None = None, surface: SurfaceSettings | None = None,
+                series_uid: str | None = None) -> WindowedVolume:
+    """Read a scan file or DICOM folder (``series_uid``: one series of several) and window it (see
+    ``window_image``)."""
+    ct = read_ct(path, series_uid=series_uid)
     return window_image(ct, window, resolution, case_id or default_case_id(path), surface)
 
 

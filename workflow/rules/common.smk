@@ -1,9 +1,12 @@
 # Config validation and the case table. Imported by every other rule file.
+import re
 import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
+from ctvq.ct.discover import discover_scans
+from ctvq.ct.errors import CTInputError
 from ctvq.ct.resources import preprocess_mem_mb  # the preprocessing rules size their memory with it
 
 validate(config, schema="../schemas/pipeline.schema.yaml")
@@ -13,39 +16,43 @@ validate(config, schema="../schemas/pipeline.schema.yaml")
 CTVQ = f"{sys.executable} -m ctvq"
 RESULTS = config["results"]
 WINDOWS = config["windows"]
-SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
-def _discover_scans(folder: str) -> dict[str, str]:
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"configs/pipeline.yaml: inputs.scan_dir: {folder!r} is not a folder")
-    found = {}
-    for entry in sorted(root.iterdir()):
-        name = entry.name
-        suffix = next((s for s in SCAN_SUFFIXES if name.endswith(s)), None)
-        if entry.is_file() and suffix:
-            found[name[: -len(suffix)]] = str(entry)
-        elif entry.is_dir() and any(p.suffix.lower() in ("", ".dcm") for p in entry.iterdir() if p.is_file()):
-            found[name] = str(entry)
-    return found
+def _scan_dir_cases(folder: str, taken: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Cases found by `ctvq discover`'s function (case -> path, case -> series UID); skips are reported."""
+    try:
+        found = discover_scans(folder)
+    except CTInputError as exc:
+        raise ValueError(f"configs/pipeline.yaml: inputs.scan_dir: {exc}") from None
+    for case in found.cases:
+        if case.case_id in taken:
+            raise ValueError(f"configs/pipeline.yaml: inputs.scan_dir: {case.path} gives case id "
+                             f"{case.case_id!r}, which {taken[case.case_id]} has already")
+    if found.skipped:
+        first, more = found.skipped[0], ", ..." if len(found.skipped) > 1 else ""
+        print(f"ctvq workflow: inputs.scan_dir: {len(found.skipped)} path(s) skipped ({first.path}: "
+              f"{first.reason}{more}); `ctvq discover {folder}` lists them", file=sys.stderr)
+    return ({c.case_id: c.path for c in found.cases},
+            {c.case_id: c.series_uid for c in found.cases if c.series_uid})
 
 
-def _case_table() -> dict[str, str]:
+def _case_table() -> tuple[dict[str, str], dict[str, str]]:
     inputs = config["inputs"]
     cases = {f"phantom{i:02d}": f"{RESULTS}/raw/phantom{i:02d}.nii.gz" for i in range(inputs.get("phantoms", 0))}
+    series = {}
     if inputs.get("scan_dir"):
-        cases.update(_discover_scans(inputs["scan_dir"]))
+        found, series = _scan_dir_cases(inputs["scan_dir"], cases)
+        cases.update(found)
     for case, path in inputs.get("scans", {}).items():
         if case in cases:
             raise ValueError(f"configs/pipeline.yaml: inputs.scans: case id {case!r} is given twice")
         cases[case] = path
     if not cases:
         raise ValueError("configs/pipeline.yaml: inputs: no cases (set phantoms, scans or scan_dir)")
-    return cases
+    return cases, series
 
 
-CASES = _case_table()
+CASES, SERIES = _case_table()  # SERIES: the DICOM series UID of a case whose folder holds several
 
 
 def _train_settings() -> dict:
@@ -111,5 +118,5 @@ SURFACE_ARGS = _surface_args()
 
 
 wildcard_constraints:
-    case="|".join(sorted(CASES)),
+    case="|".join(re.escape(c) for c in sorted(CASES)),
     window="|".join(WINDOWS),

@@ -1,4 +1,6 @@
 # Preprocessing, per case and window: window -> sdf -> index; then one manifest per window.
+# --record-failure: an unusable scan leaves a failure record instead of a sample, passed on by sdf and index,
+# and the manifest lists the case as `failed: <reason>`; the window's other cases still train.
 
 
 rule phantom:
@@ -20,11 +22,12 @@ rule window:
     params:
         resolution=config["resolution"],
         surface=lambda wc: SURFACE_ARGS[wc.window],
+        series=lambda wc: f"--series {SERIES[wc.case]}" if wc.case in SERIES else "",
     resources:
         mem_mb=preprocess_mem_mb("window", config["resolution"]),
     shell:
         "{CTVQ} window {input} -o {output} --window {wildcards.window} --resolution {params.resolution}"
-        " --case-id {wildcards.case} {params.surface} > {log} 2>&1"
+        " --case-id {wildcards.case} {params.surface} {params.series} --record-failure > {log} 2>&1"
 
 
 rule sdf:
@@ -39,7 +42,7 @@ rule sdf:
     resources:
         mem_mb=preprocess_mem_mb("sdf", config["resolution"]),
     shell:
-        "{CTVQ} sdf {input} -o {output} --band {params.band} > {log} 2>&1"
+        "{CTVQ} sdf {input} -o {output} --band {params.band} --record-failure > {log} 2>&1"
 
 
 rule index:
@@ -52,7 +55,7 @@ rule index:
     resources:
         mem_mb=preprocess_mem_mb("index", config["resolution"]),
     shell:
-        "{CTVQ} index {input} -o {output} > {log} 2>&1"
+        "{CTVQ} index {input} -o {output} --record-failure > {log} 2>&1"
 
 
 # The split options are params (changing the split section reruns the manifest); a split file is an input.
