@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ctvq.ct.band import band_and_inside, dense_field, load_band, save_band
 from ctvq.ct.case_id import check_case_id
 from ctvq.ct.errors import CTInputError, warnings_as_lines
+from ctvq.ct.failure import CaseFailure, one_line, read_failure, write_failure
 from ctvq.ct.index import build_index
 from ctvq.ct.io import FILE_SUFFIXES, write_ct, write_dicom_series
 from ctvq.ct.phantom import chest_phantom
@@ -64,14 +67,14 @@ def _checked_case_id(case_id: str) -> str:
 def run_window(source: Path, output: Path, window_name: str, width: float | None, level: float | None,
                resolution: int, case_id: str | None, quiet: bool = False,
                surface: SurfaceSettings | None = None, preview: Path | None = None,
-               nifti: Path | None = None) -> None:
+               nifti: Path | None = None, series_uid: str | None = None) -> None:
     window = get_window(window_name, width, level)
     surface = surface or surface_settings(window.name)
     check_picture_paths(preview, nifti)
     case = default_case_id(source) if case_id is None else _checked_case_id(case_id)
     clock = _Clock("window", case, quiet)
     with warnings_as_lines("ctvq window"):
-        volume = window_scan(source, window, resolution, case, surface)
+        volume = window_scan(source, window, resolution, case, surface, series_uid)
     clock.log(f"read, resampled to {resolution}^3 and windowed ({window.name} W={window.width:g} "
               f"L={window.level:g}; surface: {surface.describe()})")
     save_windowed(volume, output)
@@ -183,6 +186,50 @@ def configure_window(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nifti", type=Path, metavar="NII_GZ",
                    help="also write the windowed cube as NIfTI (.nii.gz) with its patient geometry, to open "
                         "in 3D Slicer over the scan")
+    p.add_argument("--series", metavar="UID", dest="series_uid",
+                   help="the DICOM series to read when the input folder holds several (see `ctvq discover`)")
+    _add_record_failure(p)
+
+
+_RECORD_FAILURE_HELP = (
+    "when the case's input is unusable (damaged scan, failure record of an earlier step), write a failure "
+    "record at -o and exit 0, so `ctvq manifest` lists the case as failed and the others go on (the "
+    "workflow's setting); default: fail with exit status 2")
+
+
+def _add_record_failure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--record-failure", action="store_true", help=_RECORD_FAILURE_HELP)
+
+
+def _passed_on(args: argparse.Namespace, step: str) -> bool:
+    """Whether the input is an earlier step's failure record, written on to ``args.output`` (with
+    ``--record-failure``; without it the record is refused)."""
+    earlier = read_failure(args.input)
+    if earlier is None:
+        return False
+    if not args.record_failure:
+        raise CTInputError(f"{args.input}: failure record of case {earlier.case_id!r} ({earlier.status}); "
+                           "nothing to process (fix the scan and rerun its steps)")
+    write_failure(earlier, args.output)
+    print(f"ctvq {step}: {earlier.case_id}: passed on the failure record ({earlier.status})",
+          file=sys.stderr, flush=True)
+    return True
+
+
+@contextmanager
+def _failures_recorded(args: argparse.Namespace, step: str, case_id: str, window: str = "") -> Iterator[None]:
+    """With ``--record-failure`` a CTInputError raised inside becomes a failure record at ``args.output``;
+    without it the error goes on (exit status 2)."""
+    if not args.record_failure:
+        yield
+        return
+    try:
+        yield
+    except CTInputError as exc:
+        failure = CaseFailure(case_id, str(args.input), step, one_line(exc), window)
+        write_failure(failure, args.output)
+        print(f"ctvq {step}: {case_id}: {failure.status}; recorded in {args.output}", file=sys.stderr,
+              flush=True)
 
 
 def configure_sdf(p: argparse.ArgumentParser) -> None:
@@ -194,11 +241,13 @@ def configure_sdf(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nifti", type=Path, metavar="NII_GZ",
                    help="also write the field as a dense NIfTI (.nii.gz) with the cube's geometry, for 3D "
                         "Slicer: distance / band in the band, -1 inside and +1 outside beyond it")
+    _add_record_failure(p)
 
 
 def configure_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="band file from `ctvq sdf`")
     p.add_argument("-o", "--output", type=Path, required=True, help="training sample (.npz)")
+    _add_record_failure(p)
 
 
 def configure_manifest(p: argparse.ArgumentParser) -> None:
@@ -234,8 +283,12 @@ def manifest_command(args: argparse.Namespace) -> int:
     table = manifest_table(args.samples, args.output.parent, args.min_points, split_rule(args))
     write_manifest(table, args.output)
     ok = table["status"] == "ok"
+    failed = table["status"].str.startswith("failed:")
     counts = ", ".join(f"{s} {int((ok & (table['split'] == s)).sum())}" for s in SPLITS)
-    print(f"ctvq manifest: wrote {args.output} ({int(ok.sum())} ok, {int((~ok).sum())} filtered; ok cases by "
+    for row in table[failed].itertuples():
+        print(f"ctvq manifest: warning: case {row.case_id} {row.status}", file=sys.stderr)
+    print(f"ctvq manifest: wrote {args.output} ({int(ok.sum())} ok, {int((~ok & ~failed).sum())} filtered, "
+          f"{int(failed.sum())} failed; ok cases by "
           f"split: {counts})", file=sys.stderr)
     return 0
 
@@ -263,16 +316,47 @@ def phantom_command(a: argparse.Namespace) -> int:
 
 def window_command(a: argparse.Namespace) -> int:
     surface = surface_settings(a.window, a.smooth_mm, a.min_island_mm3, a.body_mask, a.pad, cli=True)
-    run_window(a.input, a.output, a.window, a.width, a.level, a.resolution, a.case_id, surface=surface,
-               preview=a.preview, nifti=a.nifti)
+    with _failures_recorded(a, "window", a.case_id or default_case_id(a.input), a.window):
+        run_window(a.input, a.output, a.window, a.width, a.level, a.resolution, a.case_id, surface=surface,
+                   preview=a.preview, nifti=a.nifti, series_uid=a.series_uid)
     return 0
 
 
 def sdf_command(a: argparse.Namespace) -> int:
-    run_sdf(a.input, a.output, a.band, a.iso, nifti=a.nifti)
+    if not _passed_on(a, "sdf"):
+        with _failures_recorded(a, "sdf", default_case_id(a.input)):
+            run_sdf(a.input, a.output, a.band, a.iso, nifti=a.nifti)
     return 0
 
 
 def index_command(a: argparse.Namespace) -> int:
-    run_index(a.input, a.output)
+    if not _passed_on(a, "index"):
+        with _failures_recorded(a, "index", default_case_id(a.input)):
+            run_index(a.input, a.output)
+    return 0
+
+
+def configure_discover(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scan_dir", type=Path, help="folder of scan files and DICOM series, at any depth")
+    p.add_argument("--json", action="store_true", help="print {cases: [...], skipped: [...]} as JSON")
+
+
+def discover_command(a: argparse.Namespace) -> int:
+    """What `inputs.scan_dir` would give the workflow, without running anything."""
+    import json
+    from dataclasses import asdict
+
+    from ctvq.ct.discover import discover_scans
+
+    found = discover_scans(a.scan_dir)
+    if a.json:
+        print(json.dumps({"cases": [asdict(c) for c in found.cases],
+                          "skipped": [asdict(s) for s in found.skipped]}, indent=1))
+        return 0
+    for case in found.cases:
+        series = f" (series {case.series_uid})" if case.series_uid else ""
+        print(f"{case.case_id}\t{case.kind}\t{case.path}{series}")
+    for skipped in found.skipped:
+        print(f"skipped\t{skipped.path}: {skipped.reason}")
+    print(f"ctvq discover: {len(found.cases)} case(s), {len(found.skipped)} skipped", file=sys.stderr)
     return 0
