@@ -1,4 +1,4 @@
-"""The Snakemake DAG run for real: dry-run counts, a full run then a no-op, a corrupt scan with --keep-going,
+"""The Snakemake DAG run for real: dry-run counts, a full run then a no-op, a truncated scan as a failed case,
 and the same DAG submitted to a real single-node SLURM cluster (scripts/slurm-local.sh)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -143,16 +144,28 @@ def test_full_run_trains_evaluates_and_a_second_run_does_nothing(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_corrupt_scan_fails_its_own_rule_by_name_while_other_cases_finish(tmp_path: Path) -> None:
-    bad = tmp_path / "broken_scan.nii.gz"
-    bad.write_bytes(b"\x1f\x8b this is not a NIfTI file")
-    _write_config(tmp_path, inputs={"phantoms": 1, "scans": {"broken": str(bad)}})
-    run = _snakemake(tmp_path, "--cores", "2", "--keep-going", "preprocess")
-    assert run.returncode != 0
-    log = (tmp_path / "logs" / "window" / "lung" / "broken.log").read_text()
-    assert "broken_scan.nii.gz" in log
-    assert not (tmp_path / "results" / "windowed" / "lung" / "broken.npz").exists()
-    assert (tmp_path / "results" / "samples" / "lung" / "phantom00.npz").exists()
+def test_truncated_scan_in_scan_dir_is_a_failed_case_while_the_others_train(tmp_path: Path) -> None:
+    from ctvq.ct.io import write_ct
+    from ctvq.ct.phantom import chest_phantom
+
+    scan_dir = tmp_path / "scans" / "site1"
+    scan_dir.mkdir(parents=True)
+    write_ct(chest_phantom((48, 48, 16), (1.5, 1.5, 4.0), seed=4), scan_dir / "cut.nii.gz")
+    whole = (scan_dir / "cut.nii.gz").read_bytes()
+    (scan_dir / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])  # as `head -c` of an interrupted copy
+    config = _write_config(tmp_path, inputs={"phantoms": 2, "scan_dir": str(tmp_path / "scans")})
+    settings = yaml.safe_load(config.read_text())
+    settings["train"]["max_steps"] = 1
+    config.write_text(yaml.safe_dump(settings))
+    run = _snakemake(tmp_path, "--cores", "2", "train")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    log = (tmp_path / "logs" / "window" / "lung" / "site1_cut.log").read_text()
+    assert "cut.nii.gz: truncated" in log
+    manifest = pd.read_csv(tmp_path / "results" / "manifests" / "lung.csv", keep_default_na=False)
+    status = dict(zip(manifest["case_id"], manifest["status"], strict=True))
+    assert status["phantom00"] == status["phantom01"] == "ok"
+    assert status["site1_cut"].startswith("failed: window: ") and "truncated" in status["site1_cut"]
+    assert (tmp_path / "results" / "train" / "lung" / "stage2" / "ckpts" / "final.pt").exists()
 
 
 def _slurm_available() -> str | None:
