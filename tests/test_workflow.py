@@ -130,7 +130,7 @@ def test_full_run_trains_evaluates_and_a_second_run_does_nothing(tmp_path: Path)
     stage2 = torch.load(final, weights_only=False)
     assert stage2["ctvq"]["stage"] == 2
     manifest = (tmp_path / "results" / "manifests" / "lung.csv").read_text()
-    assert manifest.count(",ok") == 2 and manifest.count(",ok,val\n") == 1  # 2 phantoms: one held out
+    assert manifest.count(",ok") == 2 and manifest.count(",ok,val,") == 1  # 2 phantoms: one held out
     sample = load_sample(tmp_path / "results" / "samples" / "lung" / "phantom00.npz")
     assert sample.num_points > 100 and sample.window == "lung" and sample.resolution == 64
     again = _snakemake(tmp_path, "-n", "--cores", "2")
