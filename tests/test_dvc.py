@@ -1,4 +1,5 @@
-"""DVC over the Snakemake stages, for real: repro, no-op repeat, param-change rerun, push/pull round trip."""
+"""DVC over the Snakemake stages, for real: a fresh git clone is a DVC repo; repro, no-op repeat,
+param-change rerun, push/pull round trip."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def repo(tmp_path: Path) -> Path:
     repo.mkdir()
     for rel in ("workflow", "ctvq", "configs/vqvae"):
         shutil.copytree(ROOT / rel, repo / rel, ignore=shutil.ignore_patterns("__pycache__"))
-    for rel in ("dvc.yaml", ".dvcignore"):
+    # the committed DVC repository (.dvc/config, .dvc/.gitignore), not a dvc init of its own
+    for rel in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, repo / rel)
     config = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
@@ -49,10 +51,33 @@ def repo(tmp_path: Path) -> Path:
     config["evaluate"] = {"allow_collapse": True}  # 2-3 steps learn no surface; this test is about DVC
     (repo / "configs" / "pipeline.yaml").write_text(yaml.safe_dump(config))
     _run(repo, "git", "init", "-q")
-    _run(repo, "dvc", "init", "-q")
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "init")
     return repo
+
+
+def _git_root() -> Path:
+    found = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True)
+    if found.returncode != 0:
+        pytest.skip("not run from a git checkout")
+    return Path(found.stdout.strip())
+
+
+def test_fresh_git_clone_is_a_dvc_repository(tmp_path: Path) -> None:
+    """A plain `git clone` (of what is committed) is a DVC repository: dvc dag and dvc status work there."""
+    clone = tmp_path / "clone"
+    _run(tmp_path, "git", "clone", "-q", str(_git_root()), str(clone))
+    tracked = _run(clone, "git", "ls-files", ".dvc", ".dvcignore", "data").split()
+    committed = {".dvc/config", ".dvc/.gitignore", ".dvcignore", "data/README.md", "data/raw/.gitkeep"}
+    assert committed <= set(tracked)
+    local = (".dvc/cache", ".dvc/tmp", ".dvc/config.local")
+    assert _run(clone, "git", "check-ignore", *local).split() == list(local)
+    assert not (clone / ".dvc" / "cache").exists()
+    dag = _run(clone, "dvc", "dag")
+    status = _run(clone, "dvc", "status")
+    for output in (dag, status):
+        assert "not inside of a DVC repository" not in output
+        assert all(stage in output for stage in ("preprocess", "train", "evaluate"))
 
 
 def test_repro_noop_push_pull_round_trip_and_param_rerun(repo: Path, tmp_path: Path) -> None:
