@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
+from ctvq.config.choices import AUGMENTS, LOSS_TYPES, RECON_WEIGHTINGS
 from ctvq.config.fields import (
     DECAY_FACTOR,
     NON_EMPTY,
@@ -142,7 +143,7 @@ class DatasetConfig:
     band: float = spec(3.0, check=POSITIVE)
     iso_value: float = spec(0.5, check=OPEN_UNIT)
     seed: int = spec(0, check=NON_NEGATIVE)
-    augment: Literal["none", "flips", "cube"] = spec("none")  # ctvq: see ctvq.data.augment
+    augment: Literal[AUGMENTS] = spec("none")  # ctvq: see ctvq.data.augment
 
     def window(self) -> tuple[float, float]:
         """(width, level) in HU of this dataset's window."""
@@ -256,9 +257,9 @@ class TrainerConfig:
     batch_size_per_gpu: int = spec(stage=(2, 1), check=at_least(1))
     batch_split: int = spec(2, check=at_least(1))
     num_workers: int = spec(30, check=NON_NEGATIVE)
-    loss_type: Literal["mse", "l1", "l1_l2"] = spec(stage=("l1", "l1_l2"))
+    loss_type: Literal[LOSS_TYPES] = spec(stage=("l1", "l1_l2"))
     stage1_mode: Literal["codebook", "autoencoder"] = spec("codebook")  # ctvq: see config_warnings
-    recon_weighting: Literal["uniform", "balanced", "band"] = spec("balanced")  # ctvq: see voxel_weights
+    recon_weighting: Literal[RECON_WEIGHTINGS] = spec("balanced")  # ctvq: see voxel_weights
     recon_weighting_anneal_steps: int = spec(0, check=NON_NEGATIVE)  # ctvq: see Trainer.uniform_mix
     lambda_vq: float = spec(1.0, check=NON_NEGATIVE)
     lambda_commitment: float = spec(0.25, check=NON_NEGATIVE)

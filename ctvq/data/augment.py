@@ -15,14 +15,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from itertools import permutations
-from typing import Literal
 
 import numpy as np
 
+from ctvq.config.choices import AUGMENTS
 from ctvq.data.sample import CELL_VOXELS, LATENT_STRIDE, SparseSample
 
-Augment = Literal["none", "flips", "cube"]
-AUGMENTS: tuple[str, ...] = ("none", "flips", "cube")
 _ORDERS = tuple(permutations(range(3)))
 
 
@@ -95,4 +93,4 @@ def apply_symmetry(sample: SparseSample, order: tuple[int, ...], flips: tuple[bo
     )
 
 
-__all__ = ["AUGMENTS", "Augment", "apply_symmetry", "random_symmetry", "voxel_transform"]
+__all__ = ["AUGMENTS", "apply_symmetry", "random_symmetry", "voxel_transform"]

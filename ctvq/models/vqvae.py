@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctvq.config.choices import LOSS_TYPES, RECON_WEIGHTINGS
 from ctvq.models.chunking import (
     DEFAULT_PADDING,
     UPSAMPLE_FACTOR,
@@ -32,9 +33,6 @@ from ctvq.models.decoder import SparseSDFDecoder
 from ctvq.models.encoder import SparseSDFEncoder, convert_linear_and_conv
 from ctvq.models.quantizer import QuantizerOutput, VectorQuantizer
 from ctvq.sparse import SparseTensor, resolve_backend, set_sparse_backend
-
-LOSS_TYPES = ("mse", "l1", "l1_l2")
-RECON_WEIGHTINGS = ("uniform", "balanced", "band")
 
 
 def _linear_keys(coords: torch.Tensor, extent: list[int]) -> torch.Tensor:
