@@ -2,7 +2,7 @@
 
 Runs the real trainer's steps (stage 1 from the config, then stage 2 from that model's weights) on phantom
 data at 64³ (made with ``ctvq demo`` unless --data is given) and writes JSON. With --codebook-health it also
-trains stage 1 once per codebook option set and reports codebook usage and perplexity (issue 4, item 3).
+trains stage 1 once per codebook option set and reports codebook usage and perplexity.
 
     .venv/bin/python bench/train.py [--config configs/vqvae/tiny_stage1.json] [--steps 20] [--threads 2]
         [--codebook-health --health-steps 40] [--output bench/results/train.json]
