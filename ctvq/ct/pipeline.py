@@ -16,7 +16,7 @@ from ctvq.ct.band import BandField, compute_band
 from ctvq.ct.case_id import safe_case_id
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.index import build_index
-from ctvq.ct.io import CTImage, read_ct
+from ctvq.ct.io import FILE_SUFFIXES, CTImage, read_ct
 from ctvq.ct.resample import canonical_orientation, resample_to_cube, scan_extent
 from ctvq.ct.surface import SurfaceSettings, foreign_objects, smooth_hu, surface_settings
 from ctvq.ct.volume_file import WindowedVolume, load_windowed
@@ -31,7 +31,7 @@ def default_case_id(path: str | os.PathLike) -> str:
 
     Characters a file name may not carry safely (spaces, ...) become '_' (see ``ctvq.ct.case_id``)."""
     name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".npz"):
+    for suffix in sorted((*FILE_SUFFIXES, ".npz"), key=len, reverse=True):  # .nii.gz before .nii
         if name.lower().endswith(suffix):
             return safe_case_id(name[: -len(suffix)])
     return safe_case_id(name)
