@@ -4,7 +4,9 @@ The registry names each command's arguments, work and expected errors as ``"modu
 the dispatched command's module is imported: ``ctvq window`` or ``ctvq --help`` must not pay seconds and
 hundreds of MB for torch, which only the model commands need. This is the CLI layer: it imports the library,
 never the other way round. Expected failures (bad scans, bad files, bad settings) print
-``ctvq <cmd>: error: <file>: <reason>`` (a line per problem); anything else is a bug and keeps its traceback.
+``ctvq <cmd>: error: <file>: <reason>`` (a line per problem), and so do operating-system errors (a full disk,
+a read-only folder: ``ctvq.atomic.describe_os_error``) and running out of memory; anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class Command:
 
 
 BASE_EXPECTED_ERRORS: tuple[str, ...] = (
-    "ctvq.ct.errors:CTInputError", "ctvq.data.sample:SampleFormatError", "builtins:FileExistsError")
+    "ctvq.ct.errors:CTInputError", "ctvq.data.sample:SampleFormatError", "ctvq.atomic:FileSystemError",
+    "ctvq.device:DeviceError", "builtins:FileExistsError")
 """Failures of the user's input whatever the command (resolved on dispatch, like the commands)."""
 
 _CT = "ctvq.ct.commands"
@@ -144,6 +147,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _is_system_error(exc: BaseException) -> bool:
+    """An OSError the operating system raised (it carries an errno), not one of ctvq's own messages."""
+    return isinstance(exc, OSError) and exc.errno is not None
+
+
+def _os_error_line(exc: BaseException) -> str:
+    from ctvq.atomic import describe_os_error
+
+    assert isinstance(exc, OSError)
+    return describe_os_error(exc, action="use")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
@@ -154,9 +169,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except expected as exc:
         # The whole message: a config with several mistakes lists one per line after its headline.
-        message = str(exc) or type(exc).__name__
-        print(f"ctvq {command.name}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        message = _os_error_line(exc) if _is_system_error(exc) else str(exc) or type(exc).__name__
+    except OSError as exc:
+        if not _is_system_error(exc):
+            raise
+        message = _os_error_line(exc)
+    except MemoryError:
+        message = ("out of memory: this machine cannot hold what was asked; use a smaller resolution, "
+                   "batch or chunk size, or a machine with more memory")
+    print(f"ctvq {command.name}: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -42,8 +42,13 @@ def configure_inspect(parser: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from ctvq.models.pretrained import inspect_weights  # torch: only when weights are inspected
+    # torch: only when weights are inspected
+    from ctvq.models.pretrained import PretrainedWeightsError, inspect_weights
 
-    print(inspect_weights(args.checkpoint, config_dir=args.config_dir))
+    report, problems = inspect_weights(args.checkpoint, config_dir=args.config_dir)
+    print(report, flush=True)
+    if problems:
+        raise PretrainedWeightsError(f"{args.checkpoint}: the tensors do not make a complete model ("
+                                     f"{problems[0]}): a damaged or edited file")
     return 0
 

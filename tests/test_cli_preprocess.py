@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
+from ctvq.atomic import atomic_output
 from ctvq.cli import COMMANDS, main
-from ctvq.ct.atomic import atomic_output
 from ctvq.ct.io import CTImage, write_ct
 from ctvq.ct.manifest import read_manifest
 from ctvq.ct.volume_file import WindowedVolume, save_windowed

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ctvq.atomic import FileSystemError, atomic_output, file_system_error
 from ctvq.cli import main
-from ctvq.ct.atomic import atomic_output, write_error
-from ctvq.ct.errors import CTInputError
 
 PHANTOM = ["--shape", "32", "32", "12"]
 
@@ -55,7 +54,7 @@ def test_unwritable_folder_fails_in_one_line_and_leaves_nothing(tmp_path: Path,
             folder.chmod(0o755)
     assert code == 2
     _one_error_line(err, output)
-    assert "cannot write the output" in err and "choose a folder you may write to" in err
+    assert "cannot write the output" in err and "permission denied; choose a path you may use" in err
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
@@ -109,7 +108,7 @@ def _disk_full() -> OSError:
 def test_full_disk_error_becomes_one_line_naming_the_target() -> None:
     exc = _disk_full()
     assert exc.errno == errno.ENOSPC
-    message = str(write_error(Path("out/scan.nii.gz"), exc))
+    message = str(file_system_error(Path("out/scan.nii.gz"), exc))
     assert message == ("out/scan.nii.gz: cannot write the output (No space left on device): no space left on "
                        "the device; free some space or write to another disk")
     assert "\n" not in message
@@ -120,7 +119,7 @@ def test_full_disk_during_an_atomic_write_leaves_no_file(tmp_path: Path) -> None
     temporary folder with the half-written file is removed."""
     target = tmp_path / "sample.npz"
     full = r"sample\.npz: cannot write the output \(No space left on device\)"
-    with pytest.raises(CTInputError, match=full), atomic_output(target) as tmp:
+    with pytest.raises(FileSystemError, match=full), atomic_output(target) as tmp:
         tmp.write_bytes(b"half of the data")
         raise _disk_full()
     assert list(tmp_path.iterdir()) == []

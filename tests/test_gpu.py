@@ -223,7 +223,7 @@ def test_nccl_process_group_runs_a_ddp_step_and_collectives() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("fp16_mode", ["amp", "inflat_all"])
 def test_stage2_training_on_cuda_reduces_the_loss(tmp_path, fp16_mode: str) -> None:
-    from ctvq.train.command import main
+    from train_helpers import train_main as main
 
     data = write_data(tmp_path / "data", cases=4)
     ckpt = tmp_path / "s1.pt"

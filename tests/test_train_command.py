@@ -7,8 +7,8 @@ import json
 
 import pytest
 from train_helpers import config_dict, write_config, write_data, write_stage1_checkpoint
+from train_helpers import train_main as main
 
-from ctvq.train.command import main
 from ctvq.train.progress import METRICS_NAME
 
 

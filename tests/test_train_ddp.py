@@ -29,7 +29,7 @@ def test_torchrun_two_gloo_processes_train_and_pass_ddpcheck(tmp_path):
                           i_ddpcheck=1, i_save=3, batch_split=2)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ctvq.train.command", "--config", str(config), "--data", str(data), "--output-dir", str(out),
+           "-m", "ctvq", "train", "--config", str(config), "--data", str(data), "--output-dir", str(out),
            "--threads", "1", "--device", "cpu", "--no-tensorboard"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

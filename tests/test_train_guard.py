@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_helpers import write_manifest
+from train_helpers import train_main as main
 from train_helpers import write_config, write_data, write_stage1_checkpoint
 
 from ctvq.ct.phantom import chest_phantom
@@ -27,7 +28,6 @@ from ctvq.ct.pipeline import build_sample, window_image
 from ctvq.ct.windows import get_window
 from ctvq.data.sample import save_sample
 from ctvq.train import guard
-from ctvq.train.command import main
 from ctvq.train.progress import LOG_NAME, METRICS_NAME, LossEnds, RunLog
 
 

@@ -22,7 +22,7 @@ FLAGS = ["--threads", "1", "--deterministic", "--no-tensorboard"]
 
 
 def _command(config: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ctvq.train.command", "--config", str(config), "--data", str(data),
+    return [sys.executable, "-m", "ctvq", "train", "--config", str(config), "--data", str(data),
             "--output-dir", str(out), *FLAGS, *extra]
 
 
@@ -102,8 +102,8 @@ def save(obj, fh, *args, **kwargs):
         time.sleep(600)
     return real(obj, fh, *args, **kwargs)
 torch.save = save
-from ctvq.train.command import main
-sys.exit(main(sys.argv[2:]))
+from ctvq.cli import main
+sys.exit(main(["train", *sys.argv[2:]]))
 """
 
 
@@ -111,7 +111,7 @@ def test_kill_while_writing_a_checkpoint_leaves_previous_set_loadable(setup):
     root, data, config, reference = setup
     out = root / "killed_in_save"
     marker = root / "writing_misc"
-    cmd = [sys.executable, "-c", _SLOW_MISC, str(marker), *_command(config, data, out)[3:]]
+    cmd = [sys.executable, "-c", _SLOW_MISC, str(marker), *_command(config, data, out)[4:]]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     end = time.monotonic() + 120
     while not marker.exists():

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_helpers import write_config, write_data
+from train_helpers import train_main, write_config, write_data
 
 from ctvq.cli import main as ctvq_main
 from ctvq.ct.manifest import read_manifest
-from ctvq.train.command import main as train_main
 
 
 def _manifest(samples: list[Path], manifest: Path, split_file: Path) -> int:

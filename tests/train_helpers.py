@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from data_helpers import sphere_sample, write_manifest
 
+from ctvq.cli import main as cli_main
 from ctvq.config import config_from_dict
 from ctvq.data import save_sample
 from ctvq.models import SparseSDFVQVAE
@@ -77,3 +78,8 @@ def write_stage1_checkpoint(path: Path, seed: int = 0) -> dict[str, torch.Tensor
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     atomic_torch_save(model_payload(state, model.config, stage=1, step=10), path)
     return state
+
+
+def train_main(argv: list[str]) -> int:
+    """``ctvq train ARGV`` in this process, through the real command line's error handling."""
+    return cli_main(["train", *argv])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctvq.ct.atomic import atomic_output
+from ctvq.atomic import atomic_output
 
 FAILURE_KEY = "ctvq_failure"
 

@@ -31,8 +31,9 @@ from typing import TypeVar
 import numpy as np
 import SimpleITK as sitk
 
-from ctvq.ct.atomic import atomic_directory, atomic_output
+from ctvq.atomic import FileSystemError, atomic_directory, atomic_output, incomplete_write_error
 from ctvq.ct.errors import CTInputError, CTInputWarning
+from ctvq.ct.resources import machine_memory_bytes
 
 _T = TypeVar("_T")
 
@@ -220,9 +221,8 @@ def _truncated(path: Path, what: str) -> CTInputError:
 def _check_header_size(path: Path, size: tuple[int, ...], components: int) -> None:
     """Refuse a header whose voxel count cannot fit in memory (a damaged or hostile header) before ITK
     allocates it: the allocation would fail with a C++ error or, worse, be overcommitted and kill the job."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):  # no sysconf (Windows): no limit but the allocator's
+    memory = machine_memory_bytes()
+    if memory is None:  # the OS does not say: no limit but the allocator's
         return
     need = math.prod(int(n) for n in size) * max(1, int(components)) * _READ_BYTES_PER_VOXEL
     if need > memory:
@@ -432,13 +432,12 @@ def write_ct(ct: CTImage, path: str | os.PathLike) -> None:
             try:
                 _check_nifti(tmp)
             except CTInputError as exc:
-                raise CTInputError(f"{path}: cannot write the output (the written file is incomplete: disk "
-                                   "full?): free some space or write to another disk") from exc
+                raise incomplete_write_error(path) from exc
 
 
 def _itk_write(target: Path, call: Callable[[], None]) -> None:
     """Run a SimpleITK writer with its C++ diagnostics captured; a failure (ITK reports a full disk or an
-    unwritable folder as a RuntimeError, not an OSError) becomes one CTInputError naming ``target``."""
+    unwritable folder as a RuntimeError, not an OSError) becomes one FileSystemError naming ``target``."""
     with _native_stderr_captured() as native:
         try:
             return call()
@@ -446,8 +445,8 @@ def _itk_write(target: Path, call: Callable[[], None]) -> None:
             error = exc
     detail = next((m for m in [*native, *str(error).strip().splitlines()] if "rror" in m or "annot" in m),
                   "ITK writer failed").split("): ", 1)[-1].strip(" :")
-    raise CTInputError(f"{target}: cannot write the output ({detail[:160]}): check the free space and that "
-                       "the folder is writable") from error
+    raise FileSystemError(f"{target}: cannot write the output ({detail[:160]}): check the free space and "
+                          "that the folder is writable") from error
 
 
 DEFAULT_SERIES_UID = "1.2.826.0.1.3680043.2.1125.1"

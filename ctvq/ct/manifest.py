@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ctvq.ct.atomic import atomic_output
+from ctvq.atomic import atomic_output
 from ctvq.ct.failure import read_failure
 from ctvq.ct.splits import SplitRule
 from ctvq.data.sample import SparseSample, load_sample

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ctvq.ct.atomic import atomic_output
+from ctvq.atomic import atomic_output, incomplete_write_error
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.io import CTImage, _check_nifti, _itk_write, to_sitk
 
@@ -54,5 +54,4 @@ def write_cube_nifti(values: np.ndarray, affine: np.ndarray, path: str | os.Path
         try:
             _check_nifti(tmp)
         except CTInputError as exc:
-            raise CTInputError(f"{path}: cannot write the output (the written file is incomplete: disk "
-                               "full?): free some space or write to another disk") from exc
+            raise incomplete_write_error(path) from exc

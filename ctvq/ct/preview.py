@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ctvq.ct.atomic import atomic_output
+from ctvq.atomic import atomic_output
 from ctvq.data.sample import SparseSample
 
 FIGURE_INCHES = (12.0, 4.4)

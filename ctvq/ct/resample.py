@@ -24,16 +24,24 @@ import SimpleITK as sitk
 
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.io import AIR_HU, CTImage, to_sitk
+from ctvq.ct.resources import machine_memory_bytes, preprocess_peak_bytes
 
 STANDARD_RESOLUTIONS = (256, 512, 1024)
 CANONICAL_ORIENTATION = "LPS"
 
 
 def check_resolution(resolution: int) -> None:
-    """256, 512, 1024, or any multiple of 8 >= 64 (small grids for tests and demos)."""
-    if resolution in STANDARD_RESOLUTIONS or (resolution >= 64 and resolution % 8 == 0):
-        return
-    raise CTInputError(f"resolution {resolution}: use 256, 512, 1024 or a multiple of 8 that is >= 64")
+    """256, 512, 1024, or any multiple of 8 >= 64 (small grids for tests and demos), whose preprocessing fits
+    in this machine's memory (refused before ITK tries to allocate the cube and fails with a C++ error)."""
+    if not (resolution in STANDARD_RESOLUTIONS or (resolution >= 64 and resolution % 8 == 0)):
+        raise CTInputError(f"resolution {resolution}: use 256, 512, 1024 or a multiple of 8 that is >= 64")
+    memory = machine_memory_bytes()
+    need = preprocess_peak_bytes(resolution)
+    if memory is not None and need > memory:
+        fits = max(64, int(1024 * (memory / preprocess_peak_bytes(1024)) ** (1 / 3)) // 8 * 8)
+        raise CTInputError(f"resolution {resolution}: preprocessing a {resolution}^3 cube needs about "
+                           f"{need / 2**30:,.0f} GiB, more than this machine's {memory / 2**30:.0f} GiB; "
+                           f"use a resolution <= {fits}")
 
 
 def orientation_of(ct: CTImage) -> str:

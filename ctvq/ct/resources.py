@@ -10,6 +10,7 @@ libraries.
 from __future__ import annotations
 
 import math
+import os
 
 # Peak RSS (GiB) at resolution 1024, lung window (the largest band) of the 512x512x200 chest phantom at
 # 0.7x0.7x1.5 mm, one `ctvq <step>` process each (GNU time, 2026-11): window 8.6, sdf 9.3, index 2.1.
@@ -28,3 +29,16 @@ def preprocess_mem_mb(step: str, resolution: int) -> int:
     peak_mb = PEAK_GIB_AT_1024[step] * 1024 * (resolution / 1024) ** 3
     request = max(FLOOR_MB, HEADROOM * peak_mb)
     return int(math.ceil(request / STEP_MB) * STEP_MB)
+
+
+def machine_memory_bytes() -> int | None:
+    """Physical memory of this machine, or None where the OS does not say (no sysconf: Windows)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def preprocess_peak_bytes(resolution: int) -> int:
+    """The measured peak of the hungriest preprocessing step, scaled to ``resolution`` (no headroom)."""
+    return int(max(PEAK_GIB_AT_1024.values()) * 2**30 * (resolution / 1024) ** 3)

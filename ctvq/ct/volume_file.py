@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctvq.ct.atomic import atomic_output
+from ctvq.atomic import atomic_output
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.surface import RAW, SurfaceSettings
 from ctvq.ct.windows import Window

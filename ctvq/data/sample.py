@@ -28,11 +28,12 @@ Layout (all arrays C-ordered, voxel coordinates are (x, y, z) indices into the `
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ctvq.atomic import atomic_output
 
 FORMAT_VERSION = 3  # 2: adds source and spacing (provenance); 3: adds the surface settings and scan extent
 READ_VERSIONS = (2, FORMAT_VERSION)
@@ -130,25 +131,32 @@ def decoder_targets(sample: SparseSample) -> np.ndarray:
 def save_sample(sample: SparseSample, path: str | os.PathLike) -> None:
     """Write atomically: a killed or failed write leaves no partial file at ``path``."""
     sample.validate(str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {name: getattr(sample, name) for name in _ARRAYS}
     payload.update({name: np.asarray(getattr(sample, name)) for name in _SCALARS})
     payload["format_version"] = np.asarray(FORMAT_VERSION)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **payload)
+
+
+# the kinds of ctvq.ct.volume_file and ctvq.ct.band (which import this module: named here, not imported)
+_STEPS_TO_SAMPLE = {
+    "ctvq-windowed-volume": "`ctvq sdf` and then `ctvq index` on it",
+    "ctvq-band": "`ctvq index` on it",
+}
 
 
 def check_format_version(data: np.lib.npyio.NpzFile, path: Path) -> int:
-    """The file's format version; refuse one this ctvq cannot read (one rule for full loads and peeks)."""
+    """The file's format version; refuse one this ctvq cannot read (one rule for full loads and peeks).
+
+    Windowed volumes and band files carry a ``kind`` (samples do not) and their own version numbers, which
+    would otherwise read as a sample version: they are named for what they are, with the steps still to run.
+    """
+    if "kind" in data:
+        kind = str(data["kind"])
+        steps = _STEPS_TO_SAMPLE.get(kind)
+        if steps is not None:
+            raise SampleFormatError(f"{path}: a {kind} file, not a training sample; run {steps} first")
+        raise SampleFormatError(f"{path}: a {kind!r} file, not a ctvq training sample")
     version = int(data["format_version"]) if "format_version" in data else None
     if version not in READ_VERSIONS:
         raise SampleFormatError(

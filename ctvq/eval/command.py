@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -186,27 +185,3 @@ def run_decode(args: argparse.Namespace) -> int:
     print(f"ctvq decode: {tokens.case_id}: {coords.shape[0]} voxels, {mesh.num_faces} triangles -> "
           f"{args.output}", file=sys.stderr)
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ctvq.eval.command")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, add in (("eval", add_eval_arguments), ("encode", add_encode_arguments),
-                      ("decode", add_decode_arguments)):
-        add(sub.add_parser(name))
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    run = {"eval": run_eval, "encode": run_encode, "decode": run_decode}[args.command]
-    try:
-        return run(args)
-    except EXPECTED_ERRORS as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"ctvq {args.command}: error: {message}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

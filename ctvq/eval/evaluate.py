@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctvq.atomic import atomic_output, atomic_write_text
 from ctvq.ct.case_id import case_id_problem
 from ctvq.ct.splits import SPLITS
 from ctvq.ct.volume_file import load_windowed
@@ -300,10 +301,7 @@ def print_summary(summary: dict[str, Any], data: str | os.PathLike) -> None:
 
 
 def _write_json(values: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(values, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(values, indent=2) + "\n")
 
 
 def run_evaluation(loaded: LoadedModel, settings: DataSettings, data: str | os.PathLike,
@@ -330,7 +328,8 @@ def run_evaluation(loaded: LoadedModel, settings: DataSettings, data: str | os.P
     summary_metrics = {k: _json_number(v) for k, v in split_metrics(cases, counts).items()}
     _write_json(summary_metrics, Path(metrics_json))
     output_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(cases).to_csv(output_dir / "cases.csv", index=False)
+    with atomic_output(output_dir / "cases.csv") as tmp:
+        pd.DataFrame(cases).to_csv(tmp, index=False)
     log = Path(train_log) if train_log is not None else run_config_path(loaded.path).parent / TRAIN_LOG_NAME
     if train_log is not None or log.is_file():
         training_curves(log, output_dir / "training_curves.png", output_dir / "training_curves.csv")

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ctvq.ct.atomic import atomic_output
+from ctvq.atomic import atomic_output
 from ctvq.eval.loading import EvalInputError
 from ctvq.eval.surfaces import DenseBox
 

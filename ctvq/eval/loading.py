@@ -21,6 +21,7 @@ import torch
 
 from ctvq.config import ConfigError, load_config
 from ctvq.config.schema import LATENT_STRIDE
+from ctvq.device import resolve_device
 from ctvq.models.vqvae import SparseSDFVQVAE
 from ctvq.train.checkpoint import CheckpointError, load_file
 
@@ -84,6 +85,7 @@ def _constructor_args() -> set[str]:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """The VQ-VAE of a ctvq checkpoint, strictly loaded, in eval mode."""
+    device = resolve_device(device) if isinstance(device, str) else device
     path = Path(path)
     if not path.is_file():
         raise EvalInputError(f"{path}: checkpoint does not exist")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.measure import marching_cubes
 
-from ctvq.ct.atomic import atomic_output
+from ctvq.atomic import atomic_output
 
 _CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.int64)
 

@@ -1,10 +1,10 @@
 """Strict loading of pretrained weights: Direct3D-S2 sparse SDF VAE files and ctvq's own checkpoints.
 
 Accepted files: ``{'vae': state_dict, 'config': {'params': {...}}}`` (Direct3D-S2's layout; ctvq writes the
-same wrapper, see `checkpoint_payload`) or a raw state dict. Loading is all-or-nothing: every missing,
-unexpected or mis-shaped tensor and every disagreeing architecture parameter is listed in one
-`PretrainedWeightsError`. The known failure this prevents: a ``num_blocks: 8`` model silently keeping random
-blocks 4-7 because the file holds 4.
+same wrapper, see `checkpoint_payload`) or a raw state dict. Loading is all-or-nothing: missing,
+unexpected and mis-shaped tensors and disagreeing architecture parameters are counted (the first few named) in
+one `PretrainedWeightsError`. The known failure this prevents: a ``num_blocks: 8`` model silently keeping
+random blocks 4-7 because the file holds 4.
 
 A Direct3D-S2 file has no codebook (it is a VAE): when a file holds no ``quantizer.*`` tensor at all, the
 encoder and decoder are filled strictly and the quantizer keeps its own initialisation (random, or k-means
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,15 +60,49 @@ class LoadReport:
     source_dtypes: tuple[str, ...]
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format
+_PICKLE_MAGIC = b"\x80"  # the legacy format: a pickle (protocol 2+)
+
+
+def load_torch_file(path: str | os.PathLike, error: type[Exception] = PretrainedWeightsError) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one-line reasons for what goes wrong.
+
+    torch's own messages mislead here: an empty file gives "()", random bytes "Weights only load failed",
+    and a file with pickled code suggests retrying with ``weights_only=False``, which would run that code.
+    ctvq never does: such a file is refused, naming what it holds.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: checkpoint file does not exist")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise error(f"{path}: empty file (0 bytes): an interrupted save or copy; save or copy it again")
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+        raise error(f"{path}: not a torch checkpoint (neither a torch archive nor a pickle: it starts with "
+                    f"bytes {head.hex()}); is it the right file?")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4": the refusal below says more
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(?i)unsupported (?:global: )?GLOBAL ([\w.]+)", str(exc))
+        what = f"the Python object {found.group(1)}" if found else "pickled Python objects, not just tensors"
+        raise error(f"{path}: holds {what}; ctvq reads weights only (tensors in dicts and lists) and never "
+                    "runs code from a checkpoint: re-save the weights with torch.save(model.state_dict(), "
+                    "path)") from exc
+    except (RuntimeError, EOFError) as exc:
+        if head.startswith(_ZIP_MAGIC) or isinstance(exc, EOFError):
+            raise error(f"{path}: a damaged or truncated torch archive (an interrupted save or copy); "
+                        "save or copy it again") from exc
+        raise error(f"{path}: not a readable torch checkpoint ({str(exc).strip().splitlines()[0][:200]})"
+                    ) from exc
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(state dict, config or None) from a wrapped or raw checkpoint, read with ``weights_only=True``."""
     path = Path(path)
-    if not path.is_file():
-        raise PretrainedWeightsError(f"{path}: weights file does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip errors: name the file, keep the cause
-        raise PretrainedWeightsError(f"{path}: not a readable torch weights file ({exc})") from exc
+    payload = load_torch_file(path)
     if not isinstance(payload, Mapping):
         raise PretrainedWeightsError(f"{path}: expected a dict, got {type(payload).__name__}")
     config: dict[str, Any] | None = None
@@ -125,17 +161,25 @@ def state_differences(
     return missing, unexpected, misshaped
 
 
+_LISTED = 6  # entries shown per kind of mismatch: 82 mis-shaped tensors on one line cannot be read
+
+
+def _listing(items: list[str], sep: str) -> str:
+    shown = sep.join(items[:_LISTED])
+    return shown + (f"{sep}... and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+
+
 def _format_error(path: str, config_diffs: list[str], missing: list[str], unexpected: list[str],
                   misshaped: list[str]) -> str:
     lines = [f"{path}: weights do not fit the model (strict loading)"]
     if config_diffs:
         lines.append(f"  config mismatches ({len(config_diffs)}): " + "; ".join(config_diffs))
     if missing:
-        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+        lines.append(f"  missing keys ({len(missing)}): " + _listing(missing, ", "))
     if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+        lines.append(f"  unexpected keys ({len(unexpected)}): " + _listing(unexpected, ", "))
     if misshaped:
-        lines.append(f"  mis-shaped ({len(misshaped)}): " + "; ".join(misshaped))
+        lines.append(f"  mis-shaped ({len(misshaped)}): " + _listing(misshaped, "; "))
     lines.append("  fix: set the model config (model_channels, latent_channels, num_blocks, ...) to the "
                  "checkpoint's; `ctvq inspect-weights FILE` shows what the file holds")
     return "\n".join(lines)
@@ -207,7 +251,36 @@ def infer_model_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         out["mlp_ratio"] = float(mlp.shape[0]) / out["model_channels"]
     if "quantizer.embedding.weight" in state:
         out["num_embeddings"] = int(state["quantizer.embedding.weight"].shape[0])
+    gamma = state.get("encoder.blocks.0.attn.q_rms_norm.gamma")
+    if gamma is not None and gamma.ndim == 2:
+        out.update(qk_rms_norm=True, num_heads=int(gamma.shape[0]), num_head_channels=None)
     return out
+
+
+def layout_problems(state: Mapping[str, torch.Tensor], inferred: Mapping[str, Any]) -> list[str]:
+    """What keeps ``state`` from loading strictly into the model of the inferred architecture (the
+    defaults for what the file does not show): missing, unexpected and mis-shaped tensors. The model is
+    built on the meta device, so a 1024-scale layout costs no memory."""
+    from ctvq.models.vqvae import SparseSDFVQVAE
+
+    args = {k: v for k, v in inferred.items() if k in _model_defaults()}
+    if not args.get("qk_rms_norm"):  # no tensor shows the head split: one head builds any channel count
+        args.update(num_heads=1, num_head_channels=None)
+    if "num_blocks" not in args and "num_blocks_encoder" in inferred:
+        return [f"encoder has {inferred.get('num_blocks_encoder')} blocks but decoder "
+                f"{inferred.get('num_blocks_decoder')}: no ctvq model has that layout"]
+    try:
+        with torch.device("meta"):
+            model = SparseSDFVQVAE(**args)
+    except ValueError as exc:
+        return [f"the inferred architecture cannot be built: {exc}"]
+    has_codebook = any(k.startswith(QUANTIZER_PREFIX) for k in state)
+    expected = {k: v.shape for k, v in model.state_dict().items()
+                if has_codebook or not k.startswith(QUANTIZER_PREFIX)}
+    missing, unexpected, misshaped = state_differences(expected, state)
+    kinds = (("missing tensors", missing, ", "), ("unexpected tensors", unexpected, ", "),
+             ("mis-shaped", misshaped, "; "))
+    return [f"{what} ({len(items)}): {_listing(items, sep)}" for what, items, sep in kinds if items]
 
 
 def _config_args(path: Path) -> dict[str, Any]:
@@ -249,8 +322,10 @@ def matching_configs(inferred: Mapping[str, Any], config_dir: Path) -> list[tupl
     return rows
 
 
-def inspect_weights(path: str | os.PathLike, config_dir: str | os.PathLike | None = None) -> str:
-    """A human-readable report: tensors, parameter count, dtypes, inferred architecture, matching configs."""
+def inspect_weights(path: str | os.PathLike, config_dir: str | os.PathLike | None = None
+                    ) -> tuple[str, list[str]]:
+    """(a human-readable report: tensors, parameter count, dtypes, inferred architecture, layout check,
+    matching configs; the layout problems, empty when the file loads strictly into the inferred model)."""
     state, config = read_checkpoint(path)
     config_dir = Path(config_dir) if config_dir is not None else DEFAULT_CONFIG_DIR
     numel = sum(int(v.numel()) for v in state.values())
@@ -274,16 +349,19 @@ def inspect_weights(path: str | os.PathLike, config_dir: str | os.PathLike | Non
     params = checkpoint_params(config)
     if params:
         lines.append("file config params: " + ", ".join(f"{k}={v!r}" for k, v in sorted(params.items())))
+    problems = layout_problems(state, inferred)
+    lines.append("layout: " + ("complete (loads strictly into the inferred model)" if not problems else
+                               "INCOMPLETE, loads into no model: " + "; ".join(problems)))
     if not config_dir.is_dir():
         lines.append(f"configs: {config_dir} does not exist; no config compared")
-        return "\n".join(lines)
+        return "\n".join(lines), problems
     rows = matching_configs(inferred, config_dir)
-    matches = [name for name, diffs in rows if not diffs]
+    matches = [name for name, diffs in rows if not diffs and not problems]
     lines.append(f"matching configs in {config_dir}: {', '.join(matches) if matches else 'none'}")
     for name, diffs in rows:
         if diffs:
             lines.append(f"  {name}: " + "; ".join(diffs))
-    return "\n".join(lines)
+    return "\n".join(lines), problems
 
 
 __all__ = [
@@ -294,7 +372,9 @@ __all__ = [
     "config_differences",
     "infer_model_config",
     "inspect_weights",
+    "layout_problems",
     "load_pretrained",
+    "load_torch_file",
     "matching_configs",
     "read_checkpoint",
     "state_differences",

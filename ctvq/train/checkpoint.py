@@ -2,9 +2,9 @@
 
 Layout under ``<output>/ckpts/`` (TRELLIS's names): ``vqvae_step{step:07d}.pt`` (model),
 ``vqvae_ema{rate}_step{step:07d}.pt`` (one per EMA rate), ``misc_step{step:07d}.pt`` (optimizer, scheduler,
-precision, clipper, data position, RNG). A set is written model first and misc last, each file through a
-temporary file, fsync and ``os.replace``, so a set whose misc file exists is complete: a kill at any moment
-leaves the previous complete set loadable. ``final.pt`` is written when a run finishes.
+precision, clipper, data position, RNG). A set is written model first and misc last, each file through
+``ctvq.atomic`` (temporary file, fsync, ``os.replace``), so a set whose misc file exists is complete: a kill
+at any moment leaves the previous complete set loadable. ``final.pt`` is written when a run finishes.
 
 Model and EMA files use Direct3D-S2's wrapper ``{'vae': state_dict, 'config': {'name', 'params'}}`` plus
 ``'ctvq': {'stage', 'step', 'kind', 'ema_rate'}``, so every one of them can be the next stage's
@@ -13,8 +13,8 @@ Model and EMA files use Direct3D-S2's wrapper ``{'vae': state_dict, 'config': {'
 
 from __future__ import annotations
 
-import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctvq.models.pretrained import LoadReport, PretrainedWeightsError, load_pretrained
+from ctvq.atomic import atomic_output, file_system_error
+from ctvq.models.pretrained import LoadReport, PretrainedWeightsError, load_pretrained, load_torch_file
 
 NAME = "vqvae"
 FINAL_NAME = "final.pt"
@@ -52,46 +53,28 @@ def final_path(output_dir: Path) -> Path:
 
 
 # -- atomic writes -----------------------------------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic(Path(path), lambda fh: torch.save(obj, fh))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic(Path(path), lambda fh: fh.write(text.encode()))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(Path(path), lambda fh: fh.write(data))
+    """``torch.save`` through ``atomic_output``. torch reports a failed write (a full disk) as the
+    RuntimeError "enforce fail at inline_container.cc", which never names the cause: the OSError it hides
+    becomes the usual one-line FileSystemError."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as exc:
+            hidden = exc.__context__
+            if isinstance(hidden, OSError) and hidden.errno is not None:
+                raise file_system_error(path, hidden) from exc
+            raise
 
 
 def remove_stale_temp(ckpt_dir: Path) -> list[Path]:
     """Delete temporary files left by a write that was killed (they are never read)."""
     stale = sorted(ckpt_dir.glob(".*.tmp")) if ckpt_dir.is_dir() else []
     for path in stale:
-        path.unlink()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return stale
 
 
@@ -139,10 +122,7 @@ def step_of(path: Path) -> int:
 
 
 def load_file(path: Path) -> dict[str, Any]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip errors: name the file and keep the cause
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from exc
+    payload = load_torch_file(path, CheckpointError)
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(payload).__name__}")
     return payload
@@ -195,8 +175,6 @@ __all__ = [
     "NAME",
     "CheckpointError",
     "atomic_torch_save",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "complete_steps",
     "ctvq_meta",
     "ema_path",

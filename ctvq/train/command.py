@@ -1,6 +1,6 @@
-"""``ctvq train``: the command line of the trainer (also ``python -m ctvq.train.command``).
+"""``ctvq train``: the command line of the trainer.
 
-Multi-process: ``torchrun --nproc_per_node N -m ctvq.train.command --config ... --data ... --output-dir ...``
+Multi-process: ``torchrun --nproc_per_node N -m ctvq train --config ... --data ... --output-dir ...``
 (NCCL on GPUs, gloo on CPU). The config is loaded and validated before anything else happens.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ctvq.atomic import FileSystemError
 from ctvq.config import ConfigError, CTVQConfig, config_from_dict, load_config
 from ctvq.data.datasets import DatasetError
 from ctvq.data.sample import SampleFormatError
@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: continue from the latest complete checkpoint in --output-dir (default); "
                              "never: start fresh (refused if the folder holds checkpoints); "
                              "or a checkpoint file")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="resume although --data lists other training cases than the run folder's "
+                             "data.json (refused by default: the checkpoints learned from other data)")
     parser.add_argument("--window", default=None,
                         help="override dataset.args.window_type (one config trains any window; the workflow "
                              "passes its window wildcard)")
@@ -79,6 +82,8 @@ def _with_overrides(args: argparse.Namespace) -> CTVQConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise FileSystemError(f"{args.output_dir}: --output-dir names a file, not a folder; choose another")
     cfg = _with_overrides(args)
     if args.max_steps is not None:
         cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=args.max_steps))
@@ -89,24 +94,9 @@ def run(args: argparse.Namespace) -> int:
     info = setup(args.device)
     try:
         options = RunOptions(output_dir=args.output_dir, data=args.data, resume=args.resume,
+                             allow_data_change=args.allow_data_change,
                              tensorboard=not args.no_tensorboard, argv=tuple(sys.argv))
         Trainer(cfg, options, info).run()
     finally:
         teardown()
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ctvq train",
-                                     description="Train the sparse SDF VQ-VAE (stage 1 or 2).")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except EXPECTED_ERRORS as exc:
-        print(f"ctvq train: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

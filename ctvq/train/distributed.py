@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ctvq.device import resolve_device
+
 
 class ReplicaMismatchError(RuntimeError):
     """Model replicas differ across ranks (the message names the step, the ranks and the tensors)."""
@@ -55,10 +57,8 @@ def setup(device: str | None = None) -> DistInfo:
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", 0)
-    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    dev = resolve_device(device, local)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -14,6 +14,8 @@ from collections import deque
 from pathlib import Path
 from typing import TextIO
 
+from ctvq.atomic import atomic_output
+
 METRICS_NAME = "metrics.csv"
 LOG_NAME = "log.txt"
 TENSORBOARD_DIR = "tensorboard"
@@ -37,7 +39,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     if not rows:
         return
     kept = [rows[0], *(r for r in rows[1:] if r and int(r[0]) <= last_step)]
-    with open(path, "w", newline="") as fh:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
         csv.writer(fh).writerows(kept)
 
 
@@ -119,10 +121,8 @@ class RunLog:
         with open(self.metrics_path, newline="") as fh:
             rows = list(csv.reader(fh))[1:]
         self._columns = [*(self._columns or ["step"]), *names]
-        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_output(self.metrics_path) as tmp, open(tmp, "w", newline="") as fh:
             csv.writer(fh).writerows([self._columns, *(r + [""] * len(names) for r in rows)])
-        tmp.replace(self.metrics_path)
 
     def warning(self, step: int, message: str) -> None:
         """A warning line in the log (console and log.txt) and, with TensorBoard on, as text at ``step``."""

@@ -3,20 +3,24 @@
 Starting a run on a folder that already holds one resumes it (``--resume auto``). The resolved config must
 then match the one the folder was started with, except for keys that only say how long or how verbosely to
 train (``RESUMABLE_CHANGES``): resuming different settings under one folder would mix two experiments.
+The same holds for the data: ``data.json`` records a fingerprint of the training cases, checked on resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctvq.train.checkpoint import CheckpointError, atomic_write_text, complete_steps, step_of
+from ctvq.atomic import atomic_write_text
+from ctvq.train.checkpoint import CheckpointError, complete_steps, step_of
 
 CONFIG_NAME = "config.json"
 COMMAND_NAME = "command.txt"
@@ -95,6 +99,59 @@ def check_same_run(output_dir: Path, resolved: dict[str, Any]) -> None:
         )
 
 
+DATA_NAME = "data.json"
+
+
+def data_fingerprint(source: Path, records: Sequence[Any]) -> dict[str, Any]:
+    """What a run trains on: the case ids, sample sizes and point counts, hashed (cheap on a 1000-case cohort:
+    no sample is read). The same cases regenerated identically keep it; any added, removed or changed case
+    changes it."""
+    rows = sorted((r.case_id, _size(Path(r.path)), r.num_points) for r in records)
+    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    return {"source": str(source), "num_cases": len(rows), "sha256": digest,
+            "cases": {case: [size, points] for case, size, points in rows}}
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def check_same_data(output_dir: Path, fingerprint: dict[str, Any], allow_change: bool) -> str | None:
+    """A run folder resumes on the data it trained on; with ``allow_change`` a change is allowed and
+    described (the returned text, for the log). Folders written before fingerprints existed pass."""
+    path = output_dir / DATA_NAME
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+        old_cases: dict[str, Any] = old["cases"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc}); it records the data this run trained on") from exc
+    if old.get("sha256") == fingerprint["sha256"]:
+        return None
+    new_cases: dict[str, Any] = fingerprint["cases"]
+    added = sorted(set(new_cases) - set(old_cases))
+    removed = sorted(set(old_cases) - set(new_cases))
+    changed = sorted(c for c in set(new_cases) & set(old_cases) if list(new_cases[c]) != list(old_cases[c]))
+    parts = [f"{len(names)} {what} (e.g. {', '.join(names[:3])})"
+             for names, what in ((added, "added"), (removed, "removed"), (changed, "changed")) if names]
+    change = (f"the training data differ from the run's: {old.get('num_cases')} case(s) from "
+              f"{old.get('source')} before, {fingerprint['num_cases']} from {fingerprint['source']} now; "
+              + "; ".join(parts))
+    if allow_change:
+        return change
+    raise CheckpointError(f"{output_dir}: {change}. Resuming would continue on other data than the "
+                          "checkpoints learned from: use a new --output-dir, or --allow-data-change to "
+                          "continue on the new data on purpose")
+
+
+def write_data_fingerprint(output_dir: Path, fingerprint: dict[str, Any]) -> None:
+    atomic_write_text(output_dir / DATA_NAME, json.dumps(fingerprint, indent=1) + "\n")
+
+
 def git_revision() -> str:
     repo = Path(__file__).resolve().parents[2]
     try:
@@ -118,11 +175,15 @@ def write_run_files(output_dir: Path, resolved: dict[str, Any], argv: list[str] 
 __all__ = [
     "COMMAND_NAME",
     "CONFIG_NAME",
+    "DATA_NAME",
     "RESUMABLE_CHANGES",
     "ResumePoint",
+    "check_same_data",
     "check_same_run",
     "config_changes",
+    "data_fingerprint",
     "find_resume_point",
     "flatten",
+    "write_data_fingerprint",
     "write_run_files",
 ]

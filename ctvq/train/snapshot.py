@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctvq.train.checkpoint import atomic_write_bytes
+from ctvq.atomic import atomic_write_bytes
 
 
 def slice_image(coords: torch.Tensor, values: torch.Tensor, sample: int, axis_z: int,

@@ -35,7 +35,14 @@ from ctvq.train.loader import EpochSampler, build_dataset, build_loader
 from ctvq.train.optim import build_optimizer, build_scheduler, current_lr
 from ctvq.train.precision import Precision
 from ctvq.train.progress import LossEnds, RateMeter, RunLog, format_duration
-from ctvq.train.rundir import check_same_run, find_resume_point, write_run_files
+from ctvq.train.rundir import (
+    check_same_data,
+    check_same_run,
+    data_fingerprint,
+    find_resume_point,
+    write_data_fingerprint,
+    write_run_files,
+)
 from ctvq.train.snapshot import write_snapshot
 
 LOSS_KEYS = ("loss", "recon_loss", "codebook_loss", "commitment_loss", "usage", "perplexity")
@@ -48,6 +55,7 @@ class RunOptions:
     resume: str = "auto"  # auto | never | path of a checkpoint file
     tensorboard: bool = True
     argv: tuple[str, ...] | None = None
+    allow_data_change: bool = False  # resume although the training cases differ from the run's data.json
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,9 @@ class Trainer:
         if resume is not None or options.resume == "auto":
             check_same_run(self.out, self.resolved)
         self.dataset = build_dataset(cfg.dataset, Path(options.data))
+        self.data_fingerprint = data_fingerprint(Path(options.data), self.dataset.records)
+        self.data_change = (check_same_data(self.out, self.data_fingerprint, options.allow_data_change)
+                            if resume is not None else None)
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = SparseSDFVQVAE(**cfg.model.to_dict()["args"])
@@ -145,12 +156,15 @@ class Trainer:
         torch.manual_seed(t.seed * 7919 + 1 + self.info.rank)  # per-rank stream for the run's random choices
         if resume is not None:
             self._load(resume)
+            if self.batch_in_epoch >= self.steps_per_epoch:  # fewer cases now (--allow-data-change)
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.net: torch.nn.Module = model
         if self.info.distributed and named:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         if self.info.is_main:
             write_run_files(self.out, self.resolved, list(options.argv) if options.argv is not None else None)
+            write_data_fingerprint(self.out, self.data_fingerprint)
         dist_util.barrier()
         self.log = RunLog(self.out, enabled=self.info.is_main, start_step=self.step,
                           tensorboard=options.tensorboard)
@@ -327,6 +341,8 @@ class Trainer:
         log.text(f"ctvq train: stage {t.training_stage}, {len(self.dataset)} cases, {self.total_steps} steps "
                  f"({self.steps_per_epoch} per epoch), {self.info.world_size} process(es) on {self.device}, "
                  f"{where}")
+        if self.data_change is not None:
+            log.text(f"warning: --allow-data-change: {self.data_change}")
         if self.init_report is not None:
             log.text(f"initialised from {self.init_report.path} (codebook loaded: "
                      f"{self.init_report.codebook_loaded})")
