@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         _child(args)
         return 0
 
-    from ctvq.ct.atomic import atomic_output
+    from ctvq.atomic import atomic_output
     from ctvq.ct.io import write_ct
     from ctvq.ct.phantom import chest_phantom
 
