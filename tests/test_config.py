@@ -187,7 +187,7 @@ def _round_trip_cases() -> list[dict]:
         {"trainer": {"args": {"training_stage": 1, "lr_scheduler": None, "grad_clip": 2.0, "ema_rate": []}}},
         {
             "dataset": {"args": {"window_type": "custom", "window_width": 500, "window_level": 10}},
-            "models": {"vqvae": {"args": {"representation_config": {"a": [1, 2]}, "num_heads": 16}}},
+            "models": {"vqvae": {"args": {"representation_config": None, "num_heads": 16}}},
             "trainer": {
                 "args": {"training_stage": 1, "optimizer": {"name": "SGD", "args": {"momentum": 0.5}}}
             },

@@ -86,6 +86,35 @@ def test_unknown_section_is_reported():
     assert_problem({**_with(), "model": {}}, "model", "did you mean 'models'")
 
 
+def test_misnamed_section_reports_the_typo_and_no_follow_up_error():
+    cfg = _with(dataset={"args": {"resolution": 64}})
+    cfg["model"] = {"vqvae": {"args": {"resolution": 8}}}
+    del cfg["models"]
+    err = _error(cfg)
+    assert [p.path for p in err.problems] == ["model"], str(err)
+
+
+def test_model_settings_that_would_crash_training_are_refused_up_front():
+    """Each of these passed validation and then crashed ``ctvq train`` with a traceback."""
+    assert_problem(_model(model_channels=100, num_head_channels=4), "models.vqvae.args.model_channels",
+                   "multiple of 16")
+    assert_problem(_model(pe_mode="rope", model_channels=64, num_head_channels=4),
+                   "models.vqvae.args.num_head_channels", "even number >= 6", "heads of 4")
+    assert_problem(_model(pe_mode="rope", model_channels=64, num_heads=16),
+                   "models.vqvae.args.num_heads", "heads of 4")
+    assert_problem(_model(mlp_ratio=0.001, model_channels=64), "models.vqvae.args.mlp_ratio",
+                   "without a hidden channel")
+    assert_problem(_model(representation_config={"kind": "sdf"}), "models.vqvae.args.representation_config",
+                   "must be null", "ignored")
+
+
+def test_batch_split_above_the_batch_proposes_the_exact_fix():
+    assert_problem(_trainer(batch_size_per_gpu=1, batch_split=4), "trainer.args.batch_split",
+                   "set batch_size_per_gpu to 4 and keep batch_split 4")
+    assert_problem(_trainer(batch_size_per_gpu=6, batch_split=4), "trainer.args.batch_split",
+                   "does not divide", "batch_size_per_gpu 8")
+
+
 def test_wrong_type_names_the_expected_type_and_the_value():
     assert_problem(
         _model(model_channels="512"), "models.vqvae.args.model_channels", "expected an integer", '"512"'

@@ -152,7 +152,7 @@ def test_checkpoints_of_the_wrong_kind_are_refused(tmp_path, kind):
         expected = "training-state file"
     else:
         path.write_bytes(b"not a checkpoint")
-        expected = "not a readable checkpoint"
+        expected = "not a torch checkpoint"
     with pytest.raises(EvalInputError, match=expected):
         load_model(path)
 

@@ -23,22 +23,25 @@ TRAIN_FLAGS = ["--threads", "1", "--no-tensorboard"]
 
 
 def ctvq(*args: str | Path, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
     return subprocess.run([sys.executable, "-m", "ctvq", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          encoding="utf-8", errors="replace", timeout=timeout, env=env)
 
 
 def one_error_line(done: subprocess.CompletedProcess[str], command: str, *fragments: str) -> str:
-    """Exit 2, no traceback, exactly one error line (the last), holding every fragment; returns it."""
+    """Exit 2, no traceback, exactly one error line, last (a config error lists its problems below it, one
+    indented line each), holding every fragment; returns the error text."""
     err = done.stderr
     assert done.returncode == 2, (done.returncode, err[-3000:])
     assert "Traceback" not in err, err[-3000:]
     lines = err.strip().splitlines()
-    errors = [line for line in lines if line.startswith(f"ctvq {command}: error: ")]
-    assert errors == lines[-1:], err[-3000:]
+    starts = [i for i, line in enumerate(lines) if line.startswith(f"ctvq {command}: error: ")]
+    assert len(starts) == 1, err[-3000:]
+    assert all(line.startswith("  ") for line in lines[starts[0] + 1:]), err[-3000:]
+    text = "\n".join(lines[starts[0]:])
     for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
+        assert fragment in text, text
+    return text
 
 
 @pytest.fixture
@@ -259,3 +262,112 @@ def test_intermediate_files_given_as_samples_say_which_step_is_missing(scan: Pat
     one_error_line(ctvq("manifest", windowed, "-o", tmp_path / "m.csv"), "manifest",
                    "ctvq-windowed-volume file, not a training sample", "`ctvq sdf` and then `ctvq index`")
     one_error_line(ctvq("manifest", band, "-o", tmp_path / "m.csv"), "manifest", "run `ctvq index` on it")
+
+
+# -- results that must not be silently wrong ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_runs(training: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Final checkpoints of two stage-1 runs of the same size and codebook size, different seeds."""
+    config, data = training
+    folder = tmp_path_factory.mktemp("runs")
+    finals = []
+    for seed in (0, 1):
+        cfg = write_config(folder / f"cfg{seed}.json", max_steps=2, i_save=2, seed=seed)
+        done = ctvq("train", "--config", cfg, "--data", data, "--output-dir", folder / f"run{seed}",
+                    *TRAIN_FLAGS)
+        assert done.returncode == 0, done.stderr[-3000:]
+        finals.append(folder / f"run{seed}" / "ckpts" / "final.pt")
+    return finals[0], finals[1]
+
+
+def test_tokens_decoded_with_another_checkpoint_are_refused(two_runs: tuple[Path, Path],
+                                                           training: tuple[Path, Path],
+                                                           tmp_path: Path) -> None:
+    first, second = two_runs
+    sample = training[1].parent / "c3.npz"
+    tokens = tmp_path / "t.npz"
+    assert ctvq("encode", "--ckpt", first, sample, "-o", tokens).returncode == 0
+    one_error_line(ctvq("decode", "--ckpt", second, tokens, "-o", tmp_path / "r.ply"), "decode",
+                   "encoded with another codebook", "--other-codebook")
+    assert not (tmp_path / "r.ply").exists()
+
+
+def test_tokens_outside_the_latent_grid_are_refused(two_runs: tuple[Path, Path], training: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    import numpy as np
+
+    first, _ = two_runs
+    tokens = tmp_path / "t.npz"
+    assert ctvq("encode", "--ckpt", first, training[1].parent / "c3.npz", "-o", tokens).returncode == 0
+    with np.load(tokens) as data:
+        arrays = dict(data)
+    arrays["latent_coords"] = arrays["latent_coords"].copy()
+    arrays["latent_coords"][0] = (40, 0, 0)
+    edited = tmp_path / "edited.npz"
+    np.savez(edited, **arrays)
+    one_error_line(ctvq("decode", "--ckpt", first, edited, "-o", tmp_path / "r.ply"), "decode",
+                   "outside the 8^3 latent grid", "[40, 0, 0]")
+
+
+def test_samples_with_nan_are_refused_naming_the_file(training: tuple[Path, Path], tmp_path: Path) -> None:
+    import numpy as np
+
+    config, data = training
+    for key in ("sdf", "affine"):
+        with np.load(data.parent / "c0.npz") as sample:
+            arrays = dict(sample)
+        arrays[key] = arrays[key].astype(np.float64)
+        arrays[key].flat[0] = np.nan
+        folder = tmp_path / key
+        folder.mkdir()
+        np.savez(folder / "bad.npz", **arrays)
+        line = one_error_line(ctvq("manifest", folder / "bad.npz", "-o", folder / "m.csv"), "manifest",
+                              "bad.npz", "NaN")
+        assert not (folder / "m.csv").exists(), line
+        one_error_line(ctvq("train", "--config", config, "--data", folder, "--output-dir", folder / "run",
+                            *TRAIN_FLAGS), "train", "bad.npz", "NaN")
+
+
+def test_a_sample_listed_twice_is_refused(training: tuple[Path, Path], tmp_path: Path) -> None:
+    _, data = training
+    sample = data.parent / "c0.npz"
+    one_error_line(ctvq("manifest", sample, sample, "-o", tmp_path / "m.csv"), "manifest", "given twice")
+    copy = tmp_path / "copy.npz"
+    shutil.copy(sample, copy)
+    one_error_line(ctvq("manifest", sample, copy, "-o", tmp_path / "m.csv"), "manifest",
+                   "case 'c0'", "unique per window")
+
+
+def test_a_duplicate_case_in_a_sample_folder_is_refused(training: tuple[Path, Path], tmp_path: Path) -> None:
+    config, data = training
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for name in ("a.npz", "b.npz"):
+        shutil.copy(data.parent / "c0.npz", folder / name)
+    one_error_line(ctvq("train", "--config", config, "--data", folder, "--output-dir", tmp_path / "run",
+                        *TRAIN_FLAGS), "train", "case id 'c0' names two samples")
+
+
+def test_a_step_never_overwrites_its_input(scan: Path, tmp_path: Path) -> None:
+    windowed = tmp_path / "w.npz"
+    assert ctvq("window", scan, "--window", "lung", "--resolution", "64", "-o", windowed).returncode == 0
+    before = windowed.read_bytes()
+    one_error_line(ctvq("sdf", windowed, "-o", windowed), "sdf", "-o names the input itself")
+    one_error_line(ctvq("sdf", windowed, "-o", tmp_path / "." / "w.npz"), "sdf", "-o names the input")
+    assert windowed.read_bytes() == before
+
+
+# -- config holes ------------------------------------------------------------------------------------------
+def test_pretrained_path_flag_satisfies_the_stage_2_requirement(training: tuple[Path, Path],
+                                                               tmp_path: Path) -> None:
+    from train_helpers import write_stage1_checkpoint
+
+    _, data = training
+    stage1 = tmp_path / "s1.pt"
+    write_stage1_checkpoint(stage1)
+    config = write_config(tmp_path / "s2.json", training_stage=2, pretrained_vae_path=None, max_steps=1)
+    done = ctvq("train", "--config", config, "--data", data, "--output-dir", tmp_path / "run",
+                "--pretrained-vae-path", stage1, *TRAIN_FLAGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one_error_line(ctvq("train", "--config", config, "--data", data, "--output-dir", tmp_path / "run2",
+                        *TRAIN_FLAGS), "train", "pretrained_vae_path: required for training_stage 2")

@@ -103,6 +103,13 @@ def test_bad_pipeline_config_is_refused_naming_the_key(tmp_path: Path) -> None:
     assert "'lungs'" in said and "['windows']" in said
 
 
+def test_workflow_messages_name_the_configfile_given(tmp_path: Path) -> None:
+    config = _write_config(tmp_path, train={"windows": ["bone"], "stage1_config": "x", "stage2_config": "y"})
+    run = _snakemake(tmp_path, "-n", "--cores", "1")
+    said = run.stdout + run.stderr
+    assert run.returncode != 0 and f"{config} (over configs/pipeline.yaml): train.windows" in said, said
+
+
 def test_surface_settings_reach_ctvq_window_and_bad_ones_are_refused(tmp_path: Path) -> None:
     _write_config(tmp_path, inputs={"phantoms": 1}, windows=["lung", "bone"],
                   surface={"lung": {"smooth_mm": 0.5, "body_mask": False}, "bone": {"pad": "air"}})

@@ -29,6 +29,7 @@ BASE: dict[str, Any] = {
     }}},
     "dataset": {"name": "CTWindowSparseSDF", "args": {
         "resolution": 64, "window_type": "lung", "min_points": 100, "max_points": 3000, "cache_data": True,
+        "band": 1.5,  # write_data's spheres
     }},
     "trainer": {"name": "VQVAETrainer", "args": {
         "training_stage": 1, "pretrained_vae_path": None, "max_steps": 4, "batch_size_per_gpu": 2,

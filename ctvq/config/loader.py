@@ -11,6 +11,7 @@ A top-level ``description`` string (ctvq extra) documents a config file for huma
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -251,10 +252,15 @@ def config_from_dict(data: Any, origin: str = "<dict>") -> CTVQConfig:
     trainer, stage = _trainer(top, problems)
     model = _model(top, stage, problems)
     dataset = _dataset(top, stage, problems)
-    cross_checks(model, dataset, trainer, problems)
-    # Report in the file's order of sections (the trainer is read first because the stage sets defaults).
-    order = {key: i for i, key in enumerate(top)}
-    problems.items.sort(key=lambda p: order.get(p.path.split(".")[0], -1))
+    misnamed = [key for key in top if key not in ACCEPTED_KEYS["<top>"]]
+    if not misnamed:
+        # A misnamed section (``model`` for ``models``) leaves the real one at its defaults: rules reading
+        # them would report follow-up errors of the typo, not mistakes of the user.
+        cross_checks(model, dataset, trainer, problems)
+    # Report in the file's order of sections (the trainer is read first because the stage sets defaults),
+    # unknown top-level keys first.
+    order = {key: (key in ACCEPTED_KEYS["<top>"], i) for i, key in enumerate(top)}
+    problems.items.sort(key=lambda p: order.get(p.path.split(".")[0], (True, -1)))
     problems.raise_if_any()
     if model is None or dataset is None or trainer is None:
         raise RuntimeError(f"internal error: {origin} has an unresolved section but no problem was recorded")
@@ -280,8 +286,12 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike[str]) -> CTVQConfig:
-    """Read and validate a JSON config file; every error names this file."""
+def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> CTVQConfig:
+    """Read and validate a JSON config file; every error names this file.
+
+    ``overrides`` (dotted key -> value, e.g. from command-line flags) are set in the parsed file before it
+    is validated, so a rule such as "stage 2 needs pretrained_vae_path" sees the value a flag gives.
+    """
     origin = str(path)
     file = Path(path)
     if not file.is_file():
@@ -298,7 +308,27 @@ def load_config(path: str | os.PathLike[str]) -> CTVQConfig:
         raise ConfigError(
             origin, [Problem("(json)", f"key {str(exc)!r} appears twice in one object: keep one")]
         ) from None
+    if overrides:
+        data = _overridden(data, overrides, origin)
+        origin = f"{origin} (with command-line overrides of {', '.join(overrides)})"
     return config_from_dict(data, origin=origin)
+
+
+def _overridden(data: Any, overrides: Mapping[str, Any], origin: str) -> Any:
+    if not isinstance(data, dict):
+        return data  # config_from_dict reports the file's shape
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(origin, [Problem(key, f"expected an object (to set {dotted}), got "
+                                                        f"{show(child)}")])
+            node = child
+        node[leaf] = value
+    return data
 
 
 def resolve_path(

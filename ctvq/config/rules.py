@@ -16,10 +16,27 @@ def cross_checks(model: dict | None, dataset: dict | None, trainer: dict | None,
     """Rules that tie fields together; each runs only when the fields it reads are valid."""
     if model is not None:
         heads_key = "num_heads" if model["num_heads"] is not None else "num_head_channels"
-        if model["model_channels"] % model[heads_key] != 0:
+        channels = model["model_channels"]
+        if channels % model[heads_key] != 0:
             problems.add(
                 f"models.vqvae.args.{heads_key}",
-                f"{model[heads_key]} does not divide model_channels {model['model_channels']}",
+                f"{model[heads_key]} does not divide model_channels {channels}",
+            )
+        else:
+            head_dim = (model[heads_key] if heads_key == "num_head_channels"
+                        else channels // model["num_heads"])
+            if model["pe_mode"] == "rope" and (head_dim % 2 or head_dim < 6):
+                problems.add(
+                    f"models.vqvae.args.{heads_key}",
+                    "pe_mode rope rotates channel pairs on 3 axes, so each head needs an even number >= 6 "
+                    f"of channels; {show(model[heads_key])} gives heads of {head_dim}: use num_head_channels "
+                    "32 or 64, or pe_mode ape",
+                )
+        if int(channels * model["mlp_ratio"]) < 1:
+            problems.add(
+                "models.vqvae.args.mlp_ratio",
+                f"{show(model['mlp_ratio'])} x model_channels {channels} leaves the MLP without a hidden "
+                "channel; use 4.0 (Direct3D-S2) or at least 1 / model_channels",
             )
         if model["resolution"] % model["chunk_size"] != 0:
             problems.add(
@@ -58,11 +75,20 @@ def cross_checks(model: dict | None, dataset: dict | None, trainer: dict | None,
 
 
 def _trainer_cross_checks(trainer: dict[str, Any], problems: Problems) -> None:
-    if trainer["batch_size_per_gpu"] % trainer["batch_split"] != 0:
+    batch, split = trainer["batch_size_per_gpu"], trainer["batch_split"]
+    if split > batch:
         problems.add(
             "trainer.args.batch_split",
-            f"{trainer['batch_split']} does not divide batch_size_per_gpu {trainer['batch_size_per_gpu']} "
-            "(micro-batches split the samples evenly)",
+            f"{split} is more than batch_size_per_gpu {batch}: batch_split divides each GPU's batch into "
+            f"micro-batches, and {batch} sample(s) cannot make {split}. To accumulate gradients over {split} "
+            f"micro-batches of {batch} sample(s) (the memory of {batch}), set batch_size_per_gpu to "
+            f"{batch * split} and keep batch_split {split}",
+        )
+    elif batch % split != 0:
+        problems.add(
+            "trainer.args.batch_split",
+            f"{split} does not divide batch_size_per_gpu {batch} (micro-batches split the samples evenly): "
+            f"use a divisor of {batch}, or batch_size_per_gpu {batch // split * split + split}",
         )
     if trainer["training_stage"] == 2 and trainer["pretrained_vae_path"] is None:
         problems.add(

@@ -44,6 +44,12 @@ LATENT_STRIDE = 8
 """Input voxels per latent voxel along each axis: dataset resolution = 8 x model resolution."""
 
 _ADAM = ("AdamW", "Adam")
+MODEL_CHANNELS = Check(lambda v: v >= 16 and v % 16 == 0,
+                       "must be a positive multiple of 16 (the decoder's upsampling uses model_channels/4, "
+                       "/8 and /16 channels); Direct3D-S2 uses 512")
+NO_REPRESENTATION = Check(lambda v: v is None,
+                          "must be null: ctvq's decoder predicts one signed distance per voxel and reads no "
+                          "representation config (a value here would be ignored)")
 BETAS = Check(lambda b: len(b) == 2 and all(0 <= x < 1 for x in b), "must be two numbers, each in [0, 1)")
 
 
@@ -85,7 +91,7 @@ class ModelConfig:
 
     name: Literal["SparseSDFVQVAE"] = spec("SparseSDFVQVAE")
     resolution: int = spec(64, check=at_least(1))
-    model_channels: int = spec(512, check=at_least(1))
+    model_channels: int = spec(512, check=MODEL_CHANNELS)
     latent_channels: int = spec(16, check=at_least(1))
     num_blocks: int = spec(8, check=at_least(1))
     num_embeddings: int = spec(8192, check=at_least(1))
@@ -99,7 +105,7 @@ class ModelConfig:
     use_checkpoint: bool = spec(False)
     chunk_size: int = spec(1, check=at_least(1))
     qk_rms_norm: bool = spec(False)
-    representation_config: dict[str, Any] | None = spec(None)
+    representation_config: dict[str, Any] | None = spec(None, check=NO_REPRESENTATION)
     # ctvq extras
     sdf_input_scale: float = spec(1.0, check=POSITIVE)
     codebook_init: Literal["random", "kmeans"] = spec("kmeans")

@@ -9,6 +9,7 @@ subcommand and the demo call. Progress goes to stderr, one line per stage, with 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -314,7 +315,18 @@ def phantom_command(a: argparse.Namespace) -> int:
     return 0
 
 
+def _not_the_input(a: argparse.Namespace) -> None:
+    """``-o`` naming the step's own input would replace the only copy of it with the result."""
+    source, target = Path(a.input), Path(a.output)
+    same = source.resolve() == target.resolve()
+    if not same and source.exists() and target.exists():
+        same = os.path.samefile(source, target)
+    if same:
+        raise CTInputError(f"{target}: -o names the input itself; write the result to another file")
+
+
 def window_command(a: argparse.Namespace) -> int:
+    _not_the_input(a)
     surface = surface_settings(a.window, a.smooth_mm, a.min_island_mm3, a.body_mask, a.pad, cli=True)
     with _failures_recorded(a, "window", a.case_id or default_case_id(a.input), a.window):
         run_window(a.input, a.output, a.window, a.width, a.level, a.resolution, a.case_id, surface=surface,
@@ -323,6 +335,7 @@ def window_command(a: argparse.Namespace) -> int:
 
 
 def sdf_command(a: argparse.Namespace) -> int:
+    _not_the_input(a)
     if not _passed_on(a, "sdf"):
         with _failures_recorded(a, "sdf", default_case_id(a.input)):
             run_sdf(a.input, a.output, a.band, a.iso, nifti=a.nifti)
@@ -330,6 +343,7 @@ def sdf_command(a: argparse.Namespace) -> int:
 
 
 def index_command(a: argparse.Namespace) -> int:
+    _not_the_input(a)
     if not _passed_on(a, "index"):
         with _failures_recorded(a, "index", default_case_id(a.input)):
             run_index(a.input, a.output)

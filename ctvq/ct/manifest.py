@@ -11,12 +11,27 @@ import numpy as np
 import pandas as pd
 
 from ctvq.atomic import atomic_output
+from ctvq.ct.errors import CTInputError
 from ctvq.ct.failure import read_failure
 from ctvq.ct.splits import SplitRule
 from ctvq.data.sample import SparseSample, load_sample
 
 COLUMNS = ("case_id", "source", "sample_path", "window", "resolution", "spacing", "num_points", "num_latent",
            "bbox", "status", "split", "smooth_mm", "min_island_mm3", "body_mask", "pad", "scan_extent")
+
+
+def _refuse_duplicates(rows: list[dict]) -> None:
+    """One row per sample file and per (case, window): a case listed twice would count and train twice."""
+    files: dict[str, str] = {}
+    cases: dict[tuple[str, str], str] = {}
+    for row in rows:
+        path, key = row["sample_path"], (row["case_id"], row["window"])
+        if path in files:
+            raise CTInputError(f"{path}: given twice; list each sample once")
+        if key in cases:
+            raise CTInputError(f"{path}: case {key[0]!r} ({key[1]} window) is also {cases[key]}; case ids "
+                               "must be unique per window: rename one case or drop one file")
+        files[path], cases[key] = row["case_id"], path
 
 
 def manifest_table(sample_paths: Sequence[str | os.PathLike], manifest_dir: str | os.PathLike,
@@ -53,6 +68,7 @@ def manifest_table(sample_paths: Sequence[str | os.PathLike], manifest_dir: str 
             "status": "ok" if n >= min_points else f"filtered: min_points ({n} < {min_points})",
             **surface_columns(sample),
         })
+    _refuse_duplicates(rows)
     rule = split if split is not None else SplitRule()
     splits = rule.assign([r["case_id"] for r in rows], [r["status"] == "ok" for r in rows])
     for row, name in zip(rows, splits, strict=True):

@@ -61,8 +61,10 @@ def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray], leve
 def load_npz(
     path: str | os.PathLike, kind: str, version: int, keys: tuple[str, ...], *,
     error: type[ValueError] = CTInputError, remedy: str = "re-run the step that wrote it",
+    optional: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
-    """Read an ``.npz`` of ``kind``/``version`` with ``keys``; any problem raises ``error`` naming the file.
+    """Read an ``.npz`` of ``kind``/``version`` with ``keys`` (and ``optional`` ones where present); any
+    problem raises ``error`` naming the file.
 
     Shared by every versioned ctvq file (windowed volumes, bands, tokens); ``remedy`` says how to remake one.
     """
@@ -81,7 +83,7 @@ def load_npz(
             missing = [k for k in keys if k not in data]
             if missing:
                 raise error(f"{path}: {kind} file lacks {', '.join(missing)}; {remedy}")
-            return {k: data[k] for k in keys}
+            return {k: data[k] for k in (*keys, *optional) if k in data}
     except error:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:

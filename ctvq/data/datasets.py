@@ -24,6 +24,7 @@ import logging
 import operator
 import os
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,18 @@ def peek_sample(path: Path) -> CaseRecord:
                       num_points=int(shape[0]), window_width=float(width), window_level=float(level))
 
 
+def peek_band_and_iso(path: Path) -> tuple[float, float]:
+    """The band and iso value a sample was made with (two scalars: nothing else is decompressed)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            check_format_version(data, path)
+            return float(data["band"]), float(data["iso_value"])
+    except SampleFormatError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise SampleFormatError(f"{path}: not a readable ctvq sample ({exc})") from exc
+
+
 def build_from_windowed(path: Path, *, band: float, iso_value: float) -> SparseSample:
     """The sample of a windowed volume (`ctvq window` output), built now instead of by `ctvq index`."""
     try:
@@ -266,8 +279,11 @@ class _SparseDataset(Dataset):
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.filtered: list[tuple[str, str]] = []
         self.held_out: list[tuple[str, str]] = []  # (case_id, split) of manifest rows not in train
+        self.other_windows: dict[str, int] = {}  # rows of a multi-window manifest left to the other windows
         built: dict[Path, SparseSample] = {}
         records = self._index_source(built)
+        _check_no_duplicates(records, self.source)
+        self._check_made_as_configured([r for r in records if self._filter_reason(r) is None])
         self.records: list[CaseRecord] = []
         for record in records:
             reason = self._filter_reason(record)
@@ -329,6 +345,7 @@ class _SparseDataset(Dataset):
                     f"{src}: manifest has no rows of window_type={self.window.name!r} (it lists "
                     f"{', '.join(windows)}); point the dataset at that window's manifest"
                 )
+            self.other_windows = dict(Counter(r.window for r in records if r.window != self.window.name))
             records = [r for r in records if r.window == self.window.name]
         for record in records:
             _check_resolution(record, self.resolution, f"{src} (row of {record.path})")
@@ -359,6 +376,22 @@ class _SparseDataset(Dataset):
         else:
             sample = build_from_windowed(record.path, band=self.band, iso_value=self.iso_value)
         return self._verify(sample, record)
+
+    def _check_made_as_configured(self, records: list[CaseRecord]) -> None:
+        """Precomputed samples keep the band and iso value they were made with; the config must name them,
+        or the run (and eval, encode and decode after it, which read the config) would state other ones."""
+        if not self.precompute_sparse:
+            return
+        for record in records:
+            band, iso = peek_band_and_iso(record.path)
+            for key, made, configured in (("band", band, self.band), ("iso_value", iso, self.iso_value)):
+                if not np.isclose(made, configured):
+                    raise DatasetError(
+                        f"{record.path}: made with {key} {made:g} but dataset.args.{key} is {configured:g}; "
+                        f"set dataset.args.{key} to {made:g}" + (" (or `ctvq train --band`)" if key == "band"
+                                                                  else "")
+                        + " so the run records what it trains on, or re-make the samples"
+                    )
 
     def _verify(self, sample: SparseSample, record: CaseRecord) -> SparseSample:
         """The loaded sample must be the case the index promised: window, resolution, point count."""
@@ -419,6 +452,22 @@ class SparseSDF(_SparseDataset):
         super().__init__(source, window=None, resolution=resolution, min_points=min_points,
                          max_points=max_points, cache_data=cache_data, precompute_sparse=precompute_sparse,
                          band=band, iso_value=iso_value, seed=seed, augment=augment)
+
+
+def _check_no_duplicates(records: list[CaseRecord], source: Path) -> None:
+    """A case listed twice would be trained on twice as often and counted twice: refuse it, naming both."""
+    seen_ids: dict[str, Path] = {}
+    seen_files: dict[Path, str] = {}
+    for record in records:
+        path = Path(record.path).resolve()
+        if path in seen_files:
+            raise DatasetError(f"{source}: {record.path} is listed twice (cases {seen_files[path]!r} and "
+                               f"{record.case_id!r}); list each sample once")
+        if record.case_id in seen_ids:
+            raise DatasetError(f"{source}: case id {record.case_id!r} names two samples "
+                               f"({seen_ids[record.case_id]} and {record.path}); case ids must be unique: "
+                               "rename one case")
+        seen_ids[record.case_id], seen_files[path] = record.path, record.case_id
 
 
 class CTWindowSparseSDF(_SparseDataset):

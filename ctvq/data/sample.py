@@ -106,8 +106,20 @@ class SparseSample:
             problems.append(f"resolution {self.resolution} is not a multiple of {LATENT_STRIDE}")
         if n and (self.coords.min() < 0 or self.coords.max() >= self.resolution):
             problems.append(f"coords outside the {self.resolution}^3 grid")
-        if n and np.abs(self.sdf).max() > 1.0:
+        if n and not np.isfinite(self.sdf).all():
+            problems.append(f"{int((~np.isfinite(self.sdf)).sum())} sdf value(s) are NaN or infinite")
+        elif n and np.abs(self.sdf).max() > 1.0:
             problems.append("sdf values outside [-1, 1]")
+        if self.affine.shape == (4, 4):
+            if not np.isfinite(self.affine).all():
+                problems.append("the affine holds NaN or infinite values")
+            elif abs(float(np.linalg.det(self.affine[:3, :3]))) < 1e-12:
+                problems.append("the affine is degenerate (zero voxel size or collinear axes)")
+        for name in ("band", "iso_value", "window_width", "window_level"):
+            if not np.isfinite(float(getattr(self, name))):
+                problems.append(f"{name} is {getattr(self, name)}")
+        if np.isfinite(float(self.band)) and self.band <= 0:
+            problems.append(f"band {self.band} is not positive")
         if problems:
             raise SampleFormatError(f"{origin}: invalid sample: " + "; ".join(problems))
 

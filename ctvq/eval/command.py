@@ -158,6 +158,9 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-empty", action="store_true",
                    help=f"write the PLY and exit 0 even when it has no triangle (default: exit "
                         f"{EXIT_NO_SURFACE})")
+    p.add_argument("--other-codebook", action="store_true",
+                   help="decode although the tokens were encoded with another codebook (refused by default: "
+                        "their indices mean other shapes under this checkpoint)")
     p.epilog = DECODE_EPILOG
 
 
@@ -165,7 +168,10 @@ def run_decode(args: argparse.Namespace) -> int:
     """Tokens -> PLY (and SDF); a field with no surface exits ``EXIT_NO_SURFACE`` (see ``DECODE_EPILOG``)."""
     loaded = load_model(args.ckpt, args.device)
     tokens = load_tokens(args.tokens)
-    coords, sdf = decode_tokens(loaded, tokens, what=str(args.tokens))
+    if not tokens.codebook_sha256:
+        print(f"ctvq decode: warning: {args.tokens} does not name its codebook (written by an older ctvq): "
+              "make sure it was encoded with this checkpoint", file=sys.stderr)
+    coords, sdf = decode_tokens(loaded, tokens, what=str(args.tokens), other_codebook=args.other_codebook)
     mesh = sparse_surface(coords, sdf, tokens.affine)
     reason = no_surface_reason(sdf, mesh.num_faces)
     if reason is None or args.allow_empty:

@@ -9,6 +9,7 @@ random ``.pt``) is refused with one line saying what it is and what to pass inst
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 from collections.abc import Mapping
@@ -77,6 +78,12 @@ class LoadedModel:
     @property
     def data_resolution(self) -> int:
         return LATENT_STRIDE * int(self.model.resolution)
+
+    @property
+    def codebook_sha256(self) -> str:
+        """Identity of the code -> latent vector table: what a token index means under this checkpoint."""
+        weight = self.model.quantizer.embedding.weight.detach().float().cpu().contiguous()
+        return hashlib.sha256(weight.numpy().tobytes()).hexdigest()
 
 
 def _constructor_args() -> set[str]:

@@ -3,7 +3,9 @@
 ``tokens.npz`` (format version 1) holds ``latent_coords`` (M, 3) int16 on the ``resolution / 8`` grid,
 ``indices`` (M,) int32 into a codebook of ``num_embeddings`` entries, the voxel -> patient mm ``affine`` of
 the ``resolution``³ grid, the window (name, width, level), ``iso_value``, ``band``, ``case_id``, ``source``.
-Decoding needs the same codebook: a file made with another codebook size is refused.
+``codebook_sha256`` names the codebook that gave the indices their meaning: decoding with any other
+codebook (another run, or another step of the same run: stage 2 keeps updating it) is refused, since it
+would silently decode different shapes. Files written before that key existed decode with a warning.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Tokens:
     band: float
     case_id: str
     source: str = ""
+    codebook_sha256: str = ""  # "" in files written before the key existed
 
     @property
     def num_tokens(self) -> int:
@@ -62,18 +65,19 @@ def save_tokens(tokens: Tokens, path: str | os.PathLike) -> None:
         "band": np.asarray(tokens.band),
         "case_id": np.asarray(tokens.case_id),
         "source": np.asarray(tokens.source),
+        "codebook_sha256": np.asarray(tokens.codebook_sha256),
     }, level=6)
 
 
 def load_tokens(path: str | os.PathLike) -> Tokens:
     d = load_npz(path, _KIND, TOKEN_FORMAT_VERSION, _KEYS, error=EvalInputError,
-                 remedy="make it with `ctvq encode`")
+                 remedy="make it with `ctvq encode`", optional=("codebook_sha256",))
     tokens = Tokens(
         latent_coords=d["latent_coords"].astype(np.int16), indices=d["indices"].astype(np.int32),
         num_embeddings=int(d["num_embeddings"]), resolution=int(d["resolution"]), affine=d["affine"],
         window=str(d["window"]), window_width=float(d["window_width"]), window_level=float(d["window_level"]),
         iso_value=float(d["iso_value"]), band=float(d["band"]), case_id=str(d["case_id"]),
-        source=str(d["source"]),
+        source=str(d["source"]), codebook_sha256=str(d["codebook_sha256"]) if "codebook_sha256" in d else "",
     )
     m = tokens.indices.shape[0]
     if tokens.latent_coords.shape != (m, 3) or tokens.affine.shape != (4, 4):
@@ -81,6 +85,16 @@ def load_tokens(path: str | os.PathLike) -> Tokens:
                              f"{tokens.affine.shape} do not fit together")
     if m and (tokens.indices.min() < 0 or tokens.indices.max() >= tokens.num_embeddings):
         raise EvalInputError(f"{path}: code indices outside [0, {tokens.num_embeddings})")
+    grid = tokens.resolution // LATENT_STRIDE
+    if tokens.resolution % LATENT_STRIDE or tokens.resolution < LATENT_STRIDE:
+        raise EvalInputError(f"{path}: resolution {tokens.resolution} is not a multiple of {LATENT_STRIDE}")
+    if m and (tokens.latent_coords.min() < 0 or tokens.latent_coords.max() >= grid):
+        bad = tokens.latent_coords[((tokens.latent_coords < 0) | (tokens.latent_coords >= grid)).any(axis=1)]
+        raise EvalInputError(f"{path}: {bad.shape[0]} token coordinate(s) outside the {grid}^3 latent grid "
+                             f"of resolution {tokens.resolution}, e.g. {bad[0].tolist()}: a damaged or "
+                             "edited file; encode the case again")
+    if np.unique(tokens.latent_coords, axis=0).shape[0] != m:
+        raise EvalInputError(f"{path}: the same latent cell holds several tokens: a damaged or edited file")
     return tokens
 
 
@@ -105,20 +119,28 @@ def encode_sample(loaded: LoadedModel, sample: SparseSample) -> Tokens:
         num_embeddings=loaded.num_embeddings, resolution=sample.resolution, affine=sample.affine,
         window=sample.window, window_width=sample.window_width, window_level=sample.window_level,
         iso_value=sample.iso_value, band=sample.band, case_id=sample.case_id, source=sample.source,
+        codebook_sha256=loaded.codebook_sha256,
     )
 
 
 @torch.no_grad()
-def decode_tokens(loaded: LoadedModel, tokens: Tokens, what: str = "tokens") -> tuple[np.ndarray, np.ndarray]:
+def decode_tokens(loaded: LoadedModel, tokens: Tokens, what: str = "tokens", other_codebook: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Decoded voxels (N, 3) int64 on the full grid and their normalised SDF (N,) float32.
 
     Decoding goes through the codebook lookup (never the encoder's float latents), so encode -> file ->
     decode gives exactly what the model reconstructs. In eval mode the decoder honours ``chunk_size``.
+    ``other_codebook``: decode although the tokens name another codebook (comparing checkpoints on purpose).
     """
     if tokens.num_embeddings != loaded.num_embeddings:
         raise EvalInputError(f"{what}: made with a codebook of {tokens.num_embeddings} codes but "
                              f"{loaded.path} has {loaded.num_embeddings}; decode with the checkpoint that "
                              "encoded them")
+    if tokens.codebook_sha256 and tokens.codebook_sha256 != loaded.codebook_sha256 and not other_codebook:
+        raise EvalInputError(f"{what}: encoded with another codebook (sha256 {tokens.codebook_sha256[:12]}) "
+                             f"than {loaded.path}'s ({loaded.codebook_sha256[:12]}): the indices would mean "
+                             "other shapes. Decode with the checkpoint that encoded them, or pass "
+                             "--other-codebook to decode anyway")
     if tokens.resolution != loaded.data_resolution:
         raise EvalInputError(f"{what}: resolution {tokens.resolution} but {loaded.path} decodes "
                              f"{loaded.data_resolution}^3")

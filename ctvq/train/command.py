@@ -7,14 +7,13 @@ Multi-process: ``torchrun --nproc_per_node N -m ctvq train --config ... --data .
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
 from ctvq.atomic import FileSystemError
-from ctvq.config import ConfigError, CTVQConfig, config_from_dict, load_config
+from ctvq.config import ConfigError, CTVQConfig, load_config
 from ctvq.data.datasets import DatasetError
 from ctvq.data.sample import SampleFormatError
 from ctvq.models import PretrainedWeightsError
@@ -54,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", default=None,
                         help="override dataset.args.window_type (one config trains any window; the workflow "
                              "passes its window wildcard)")
+    parser.add_argument("--band", type=float, default=None,
+                        help="override dataset.args.band: the band (voxels) the samples were made with "
+                             "(the workflow passes its `band`)")
     parser.add_argument("--pretrained-vae-path", default=None,
                         help="override trainer.args.pretrained_vae_path (stage 2: stage 1's ckpts/final.pt)")
     parser.add_argument("--max-steps", type=_positive, default=None,
@@ -69,24 +71,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _with_overrides(args: argparse.Namespace) -> CTVQConfig:
-    """The config with command-line overrides applied, validated again as a whole (cross-field rules too)."""
-    cfg = load_config(args.config)
-    if args.window is None and args.pretrained_vae_path is None:
-        return cfg
-    data = cfg.to_dict()
-    if args.window is not None:
-        data["dataset"]["args"]["window_type"] = args.window
-    if args.pretrained_vae_path is not None:
-        data["trainer"]["args"]["pretrained_vae_path"] = args.pretrained_vae_path
-    return config_from_dict(data, origin=f"{args.config} (with command-line overrides)")
+    """The config with the command-line overrides set before validation (cross-field rules see them)."""
+    flags = {"dataset.args.window_type": args.window,
+             "dataset.args.band": args.band,
+             "trainer.args.pretrained_vae_path": args.pretrained_vae_path,
+             "trainer.args.max_steps": args.max_steps}
+    return load_config(args.config, {k: v for k, v in flags.items() if v is not None})
 
 
 def run(args: argparse.Namespace) -> int:
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise FileSystemError(f"{args.output_dir}: --output-dir names a file, not a folder; choose another")
     cfg = _with_overrides(args)
-    if args.max_steps is not None:
-        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=args.max_steps))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.deterministic:

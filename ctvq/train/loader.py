@@ -87,6 +87,9 @@ def report_held_out(dataset: CTWindowSparseSDF | SparseSDF) -> None:
         return
     held = Counter(split for _, split in dataset.held_out)
     kept = f"{len(dataset)} train case(s) used ({len(dataset.filtered)} filtered)"
+    if dataset.other_windows:
+        kept += ("; rows of other windows left out: "
+                 + ", ".join(f"{window} {n}" for window, n in sorted(dataset.other_windows.items())))
     if held:
         parts = ", ".join(f"{split} {n}" for split, n in sorted(held.items()))
         print(f"ctvq train: {dataset.source}: {kept}; {sum(held.values())} held out and never read "

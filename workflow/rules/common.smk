@@ -9,6 +9,11 @@ from ctvq.ct.discover import discover_scans
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.resources import preprocess_mem_mb  # the preprocessing rules size their memory with it
 
+# The file the settings came from, for messages: --configfile's (given on the command line, it overrides the
+# default keys of configs/pipeline.yaml) or the default.
+CONFIG_FILE = (f"{workflow.overwrite_configfiles[-1]} (over configs/pipeline.yaml)"
+               if workflow.overwrite_configfiles else "configs/pipeline.yaml")
+
 validate(config, schema="../schemas/pipeline.schema.yaml")
 
 # The interpreter running snakemake has ctvq installed: call the CLI through it, so no PATH set-up is needed
@@ -23,10 +28,10 @@ def _scan_dir_cases(folder: str, taken: dict[str, str]) -> tuple[dict[str, str],
     try:
         found = discover_scans(folder)
     except CTInputError as exc:
-        raise ValueError(f"configs/pipeline.yaml: inputs.scan_dir: {exc}") from None
+        raise ValueError(f"{CONFIG_FILE}: inputs.scan_dir: {exc}") from None
     for case in found.cases:
         if case.case_id in taken:
-            raise ValueError(f"configs/pipeline.yaml: inputs.scan_dir: {case.path} gives case id "
+            raise ValueError(f"{CONFIG_FILE}: inputs.scan_dir: {case.path} gives case id "
                              f"{case.case_id!r}, which {taken[case.case_id]} has already")
     if found.skipped:
         first, more = found.skipped[0], ", ..." if len(found.skipped) > 1 else ""
@@ -45,10 +50,10 @@ def _case_table() -> tuple[dict[str, str], dict[str, str]]:
         cases.update(found)
     for case, path in inputs.get("scans", {}).items():
         if case in cases:
-            raise ValueError(f"configs/pipeline.yaml: inputs.scans: case id {case!r} is given twice")
+            raise ValueError(f"{CONFIG_FILE}: inputs.scans: case id {case!r} is given twice")
         cases[case] = path
     if not cases:
-        raise ValueError("configs/pipeline.yaml: inputs: no cases (set phantoms, scans or scan_dir)")
+        raise ValueError(f"{CONFIG_FILE}: inputs: no cases (set phantoms, scans or scan_dir)")
     return cases, series
 
 
@@ -62,16 +67,16 @@ def _train_settings() -> dict:
     train = config["train"]
     unknown = [w for w in train["windows"] if w not in WINDOWS]
     if unknown:
-        raise ValueError(f"configs/pipeline.yaml: train.windows: {unknown} are not in windows {WINDOWS}")
+        raise ValueError(f"{CONFIG_FILE}: train.windows: {unknown} are not in windows {WINDOWS}")
     for key in ("stage1_config", "stage2_config"):
         cfg = load_config(train[key])
         if cfg.dataset.resolution != config["resolution"]:
             raise ValueError(
-                f"configs/pipeline.yaml: train.{key}: {train[key]} trains at dataset.args.resolution "
+                f"{CONFIG_FILE}: train.{key}: {train[key]} trains at dataset.args.resolution "
                 f"{cfg.dataset.resolution} but the pipeline preprocesses at resolution {config['resolution']}; "
                 "make them equal")
         if cfg.stage != int(key[5]):
-            raise ValueError(f"configs/pipeline.yaml: train.{key}: {train[key]} is a stage-{cfg.stage} config")
+            raise ValueError(f"{CONFIG_FILE}: train.{key}: {train[key]} is a stage-{cfg.stage} config")
     return train
 
 
@@ -87,11 +92,11 @@ def _split_settings() -> tuple[str, list[str]]:
     split = config["split"]
     if split["file"]:
         if not Path(split["file"]).is_file():
-            raise ValueError(f"configs/pipeline.yaml: split.file: {split['file']!r} is not a file; give a CSV "
+            raise ValueError(f"{CONFIG_FILE}: split.file: {split['file']!r} is not a file; give a CSV "
                              "with columns case_id,split or set file: null to split by hash")
         return f"--split-file {quote(split['file'])}", [split["file"]]
     try:
-        fractions = check_fractions(split["fractions"], "configs/pipeline.yaml: split.fractions")
+        fractions = check_fractions(split["fractions"], f"{CONFIG_FILE}: split.fractions")
     except SplitError as exc:
         raise ValueError(str(exc).replace("e.g. --split ", "e.g. ")) from None
     text = ",".join(f"{name}={value!r}" for name, value in fractions.items())

@@ -23,6 +23,7 @@ rule train_stage1:
     params:
         run_dir=lambda wc: f"{RESULTS}/train/{wc.window}/stage1",
         launcher=_train_launcher,
+        band=config["band"],
     threads: TRAIN["threads"]
     resources:
         gpu=TRAIN["gpus"],
@@ -30,7 +31,7 @@ rule train_stage1:
         runtime=TRAIN["runtime_minutes"],
     shell:
         "{params.launcher} train --config {input.config} --data {input.manifest} --output-dir {params.run_dir}"
-        " --window {wildcards.window} --threads {threads}{MAX_STEPS} > {log} 2>&1"
+        " --window {wildcards.window} --band {params.band} --threads {threads}{MAX_STEPS} > {log} 2>&1"
 
 
 rule train_stage2:
@@ -45,6 +46,7 @@ rule train_stage2:
     params:
         run_dir=lambda wc: f"{RESULTS}/train/{wc.window}/stage2",
         launcher=_train_launcher,
+        band=config["band"],
     threads: TRAIN["threads"]
     resources:
         gpu=TRAIN["gpus"],
@@ -52,5 +54,6 @@ rule train_stage2:
         runtime=TRAIN["runtime_minutes"],
     shell:
         "{params.launcher} train --config {input.config} --data {input.manifest} --output-dir {params.run_dir}"
-        " --window {wildcards.window} --pretrained-vae-path {input.stage1} --threads {threads}{MAX_STEPS}"
+        " --window {wildcards.window} --band {params.band} --pretrained-vae-path {input.stage1}"
+        " --threads {threads}{MAX_STEPS}"
         " > {log} 2>&1"
