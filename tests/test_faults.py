@@ -371,3 +371,23 @@ def test_pretrained_path_flag_satisfies_the_stage_2_requirement(training: tuple[
     assert done.returncode == 0, done.stderr[-3000:]
     one_error_line(ctvq("train", "--config", config, "--data", data, "--output-dir", tmp_path / "run2",
                         *TRAIN_FLAGS), "train", "pretrained_vae_path: required for training_stage 2")
+
+
+# -- paths that escape their folder -----------------------------------------------------------------------
+@pytest.mark.parametrize("crafted", ["../../escaped", "/tmp/escaped_abs"])
+def test_crafted_case_ids_write_nothing_outside(scan: Path, two_runs: tuple[Path, Path],
+                                                training: tuple[Path, Path], tmp_path: Path,
+                                                crafted: str) -> None:
+    from dataclasses import replace
+
+    from ctvq.data.sample import load_sample, save_sample
+
+    out = tmp_path / "out"
+    one_error_line(ctvq("window", scan, "--window", "lung", "--resolution", "64", "-o", out / "w.npz",
+                        "--case-id", crafted), "window", "case id")
+    samples = tmp_path / "samples"
+    save_sample(replace(load_sample(training[1].parent / "c0.npz"), case_id=crafted), samples / "c0.npz")
+    one_error_line(ctvq("eval", "--ckpt", two_runs[0], "--data", samples, "-o", out / "m.json",
+                        "--output-dir", out / "eval"), "eval", "case id")
+    escaped = Path(crafted if crafted.startswith("/") else (out / "eval" / crafted).resolve())
+    assert not list(escaped.parent.glob(f"{escaped.name}*")) and not (out / "m.json").exists()
