@@ -18,11 +18,12 @@ import errno
 import glob
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ctvq.processes import host_name, pid_alive
 
 _FIXES = {
     errno.ENOSPC: "no space left on the device; free some space or write to another disk",
@@ -76,17 +77,7 @@ def translated_os_errors(path: str | os.PathLike, action: str = "write the outpu
 
 
 def _owner_tag() -> str:
-    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+    return f"{host_name()}-{os.getpid()}"
 
 
 def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
@@ -97,12 +88,12 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     target = Path(target)
     if not target.parent.is_dir():
         return []
-    host = socket.gethostname().split(".")[0]
+    host = host_name()
     removed = []
     for item in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         owner = item.name[len(target.name) + 2:].split(".")[0]
         owner_host, _, pid = owner.rpartition("-")
-        if owner_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+        if owner_host != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
         if item.is_dir() and not item.is_symlink():
             shutil.rmtree(item, ignore_errors=True)
@@ -172,6 +163,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                 _fsync_file(item)
             if target.exists():
                 target.rmdir()
+            os.chmod(tmp_dir, 0o777 & ~_umask())  # mkdtemp made it 0700
             os.replace(tmp_dir, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -184,6 +176,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_file(path: Path) -> None:

@@ -158,7 +158,7 @@ def _train(tmp_path: Path, phantoms: dict[str, Path], window: str, steps: int, i
                           disable_snapshot=True, loss_type="l1", recon_weighting="uniform", **trainer)
     out = tmp_path / "run"
     rc = main(["--config", str(config), "--data", str(phantoms[window]), "--output-dir", str(out),
-               "--window", window, "--threads", "1", "--deterministic"])
+               "--window", window, "--band", "3", "--threads", "1", "--deterministic"])
     return rc, (out / LOG_NAME).read_text(), out
 
 

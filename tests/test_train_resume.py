@@ -3,6 +3,7 @@ run of the same seed ends. A kill while a checkpoint set is being written leaves
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -130,3 +131,53 @@ def test_kill_while_writing_a_checkpoint_leaves_previous_set_loadable(setup):
     assert "resumed from step 4" in (out / "log.txt").read_text()
     assert not list(ckpts.glob(".*.tmp"))
     _assert_same_model(final_path(reference), final_path(out))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_saves_the_step_reached_and_resume_matches_uninterrupted_run(setup, signum):
+    """What SLURM preemption (SIGTERM) or --signal USR1 before the time limit does: the trainer finishes its
+    step, saves it (6 is not a multiple of i_save 4), exits 128 + signal; the rerun resumes from that step."""
+    root, data, config, reference = setup
+    out = root / f"stopped_{signum.name}"
+    proc = subprocess.Popen(_command(config, data, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "log.txt", "step 6/14", proc)
+    os.kill(proc.pid, signum)
+    assert proc.wait(timeout=120) == 128 + signum, proc.stderr.read()
+    stopped_at = complete_steps(out / "ckpts", (0.9, 0.99))[-1]
+    assert stopped_at not in (4, 8, 12) and 6 <= stopped_at < 14
+    log = (out / "log.txt").read_text()
+    assert f"stop requested ({signum.name}) at step {stopped_at}: checkpoint saved" in log
+    assert not (out / "run.lock").exists() and not final_path(out).exists()
+    _run(_command(config, data, out))
+    assert f"resumed from step {stopped_at}" in (out / "log.txt").read_text()
+    _assert_same_model(final_path(reference), final_path(out))
+    steps = [int(line.split(",")[0]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 15))
+
+
+def test_a_second_trainer_on_a_live_run_folder_refuses_naming_the_holder(setup):
+    root, data, config, _ = setup
+    endless = write_config(root / "endless.json", **{**json.loads(config.read_text())["trainer"]["args"],
+                                                      "max_steps": 100_000})
+    out = root / "locked"
+    first = subprocess.Popen(_command(endless, data, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out / "log.txt", "step 5/100000", first)
+        second = subprocess.run(_command(endless, data, out), cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"another trainer is using this run folder (pid {first.pid} on this host" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # the holder died (SIGKILL): its lock is stale and the next trainer takes it over
+    last = complete_steps(out / "ckpts", (0.9, 0.99))[-1]
+    done = subprocess.run(_command(endless, data, out, "--max-steps", str(last + 2)), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"took over the run lock of a dead trainer (pid {first.pid}" in done.stderr
+    steps = [int(line.split(",")[0]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, last + 3))

@@ -7,6 +7,7 @@ Multi-process: ``torchrun --nproc_per_node N -m ctvq train --config ... --data .
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -19,11 +20,13 @@ from ctvq.data.sample import SampleFormatError
 from ctvq.models import PretrainedWeightsError
 from ctvq.train.checkpoint import CheckpointError
 from ctvq.train.distributed import ReplicaMismatchError, setup, teardown
+from ctvq.train.lock import RunLock, RunLockError
+from ctvq.train.stop import TrainingInterrupted
 from ctvq.train.trainer import RunOptions, Trainer
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, CheckpointError, DatasetError, SampleFormatError, PretrainedWeightsError,
-    ReplicaMismatchError,
+    ReplicaMismatchError, RunLockError,
 )
 """Failures caused by the user's files or settings (reported without a traceback)."""
 
@@ -88,11 +91,21 @@ def run(args: argparse.Namespace) -> int:
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     info = setup(args.device)
+    options = RunOptions(output_dir=args.output_dir, data=args.data, resume=args.resume,
+                         allow_data_change=args.allow_data_change,
+                         tensorboard=not args.no_tensorboard, argv=tuple(sys.argv))
+    # rank 0 holds the run folder for the whole job (torchrun's other ranks are the same job)
+    lock = RunLock(args.output_dir) if info.is_main else contextlib.nullcontext()
     try:
-        options = RunOptions(output_dir=args.output_dir, data=args.data, resume=args.resume,
-                             allow_data_change=args.allow_data_change,
-                             tensorboard=not args.no_tensorboard, argv=tuple(sys.argv))
-        Trainer(cfg, options, info).run()
+        with lock:
+            if isinstance(lock, RunLock) and lock.took_over:
+                print(f"ctvq train: {args.output_dir}: took over the run lock of a dead trainer "
+                      f"({lock.took_over})", file=sys.stderr, flush=True)
+            Trainer(cfg, options, info).run()
+    except TrainingInterrupted as stopped:
+        print(f"ctvq train: {stopped}: checkpoint saved in {args.output_dir / 'ckpts'}; the same command "
+              "resumes from it", file=sys.stderr, flush=True)
+        return stopped.exit_code
     finally:
         teardown()
     return 0

@@ -126,6 +126,15 @@ def all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (a stop request reaching some ranks only)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -136,6 +145,7 @@ __all__ = [
     "ReplicaMismatchError",
     "all_gather_objects",
     "all_mean",
+    "any_rank",
     "barrier",
     "check_replicas",
     "parameter_checksums",

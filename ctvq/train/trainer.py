@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from ctvq.train.rundir import (
     write_run_files,
 )
 from ctvq.train.snapshot import write_snapshot
+from ctvq.train.stop import STOP_SIGNALS, StopRequests, TrainingInterrupted
 
 LOSS_KEYS = ("loss", "recon_loss", "codebook_loss", "commitment_loss", "usage", "perplexity")
 
@@ -354,11 +356,25 @@ class Trainer:
             log.text("stage1_mode autoencoder: encoder and decoder train with the quantizer bypassed; the "
                      "codebook is fitted by k-means on the encoder outputs at the end")
         meter = RateMeter(start, self.total_steps)
-        window: dict[str, list[float]] = {}
         ends = LossEnds(self.total_steps - start)
+        t0 = time.perf_counter()
+        with StopRequests() as stop:
+            self._loop(meter, ends, stop)
+        if self.autoencoder:
+            self.fit_codebook()
+        final = self.write_final()
+        seconds = time.perf_counter() - t0
+        log.text(f"done: steps {start}->{self.step} in {format_duration(seconds)}, {ends.describe()}, "
+                 f"skipped steps {self.skipped}, final checkpoint {final}")
+        log.close()
+        return TrainSummary(start, self.step, seconds, ends.start, ends.end, ends.window, self.skipped, final)
+
+    def _loop(self, meter: RateMeter, ends: LossEnds, stop: StopRequests) -> None:
+        """Train to ``total_steps``; on a stop request save the step reached, raise TrainingInterrupted."""
+        t, log = self.t, self.log
+        window: dict[str, list[float]] = {}
         data_time = step_time = 0.0
         iterator = None
-        t0 = time.perf_counter()
         while self.step < self.total_steps:
             tic = time.perf_counter()
             if iterator is None:
@@ -397,16 +413,17 @@ class Trainer:
                          f"ETA {format_duration(meter.eta(step))}")
             if step % t.i_ddpcheck == 0 and self.info.distributed:
                 dist_util.check_replicas(self.model, step)
-            if step % t.i_save == 0 or step == self.total_steps:
+            saved = step % t.i_save == 0 or step == self.total_steps
+            if saved:
                 self.save()
-        if self.autoencoder:
-            self.fit_codebook()
-        final = self.write_final()
-        seconds = time.perf_counter() - t0
-        log.text(f"done: steps {start}->{self.step} in {format_duration(seconds)}, {ends.describe()}, "
-                 f"skipped steps {self.skipped}, final checkpoint {final}")
-        log.close()
-        return TrainSummary(start, self.step, seconds, ends.start, ends.end, ends.window, self.skipped, final)
+            if dist_util.any_rank(stop.signum is not None, self.device):
+                signum = stop.signum if stop.signum is not None else STOP_SIGNALS[0]
+                if not saved:
+                    self.save()
+                log.text(f"stop requested ({signal.Signals(signum).name}) at step {step}: checkpoint saved; "
+                         "the same command resumes from it")
+                log.close()
+                raise TrainingInterrupted(signum, step)
 
 
 __all__ = ["LOSS_KEYS", "RunOptions", "TrainSummary", "Trainer"]
