@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements/cpu.txt
-	$(BIN)/pip install -q -c requirements/cpu.txt -e '.[test]'
+	$(BIN)/pip install -q -c requirements/cpu.txt -e '.[workflow,test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
