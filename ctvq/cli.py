@@ -35,7 +35,7 @@ class Command:
 
 
 BASE_EXPECTED_ERRORS: tuple[str, ...] = (
-    "ctvq.ct.errors:CTInputError", "ctvq.data.sample:SampleFormatError", "ctvq.atomic:FileSystemError",
+    "ctvq.ct.errors:CTInputError", "ctvq.ct.sample:SampleFormatError", "ctvq.atomic:FileSystemError",
     "ctvq.device:DeviceError", "builtins:FileExistsError")
 """Failures of the user's input whatever the command (resolved on dispatch, like the commands)."""
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from ctvq.ct import manifest as ct_manifest
+from ctvq.ct.sample import LATENT_STRIDE, SparseSample, save_sample
 from ctvq.ct.splits import ALL_TRAIN, SplitRule
 from ctvq.ct.windows import WINDOWS
-from ctvq.data.sample import LATENT_STRIDE, SparseSample, save_sample
 
 WINDOW_WL = {name: (w.width, w.level) for name, w in WINDOWS.items()}
 

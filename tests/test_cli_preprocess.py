@@ -13,9 +13,9 @@ from ctvq.atomic import atomic_output
 from ctvq.cli import COMMANDS, main
 from ctvq.ct.io import CTImage, write_ct
 from ctvq.ct.manifest import read_manifest
+from ctvq.ct.sample import load_sample
 from ctvq.ct.volume_file import WindowedVolume, save_windowed
 from ctvq.ct.windows import get_window
-from ctvq.data.sample import load_sample
 
 PREPROCESS = ("phantom", "window", "sdf", "index", "manifest", "demo")
 

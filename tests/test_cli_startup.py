@@ -61,7 +61,7 @@ def test_preprocessing_chain_runs_without_torch(tmp_path: Path) -> None:
 
 def test_library_modules_do_not_import_the_cli() -> None:
     """The CLI imports the library, never the reverse (which made every library import load every command)."""
-    code = ("import sys, ctvq.ct.commands, ctvq.ct.demo, ctvq.data, ctvq.data.sample, ctvq.config; "
+    code = ("import sys, ctvq.ct.commands, ctvq.ct.demo, ctvq.data, ctvq.ct.sample, ctvq.config; "
             "print(sorted(m for m in ('ctvq.cli', 'ctvq.commands', 'torch') if m in sys.modules))")
     assert _python("-c", code) == "[]"
 

@@ -7,10 +7,10 @@ from ctvq.ct.band import compute_band, load_band, save_band, surface_volume
 from ctvq.ct.index import build_index
 from ctvq.ct.io import CTImage
 from ctvq.ct.pipeline import build_sample, load_windowed, window_image
+from ctvq.ct.sample import decoder_targets, load_sample, save_sample
 from ctvq.ct.surface import island_voxels
 from ctvq.ct.volume_file import save_windowed
 from ctvq.ct.windows import get_window
-from ctvq.data.sample import decoder_targets, load_sample, save_sample
 
 
 def test_sample_is_sorted_by_latent_cell_and_targets_match_the_volume(small_ct: CTImage) -> None:

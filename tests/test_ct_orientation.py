@@ -12,8 +12,8 @@ import pytest
 from ctvq.cli import main
 from ctvq.ct.io import CTImage, read_ct, write_ct, write_dicom_series
 from ctvq.ct.resample import canonical_orientation, orientation_of, resample_to_cube
+from ctvq.ct.sample import load_sample
 from ctvq.ct.volume_file import load_windowed
-from ctvq.data.sample import load_sample
 
 
 def _stored_as(ct: CTImage, perm: tuple[int, int, int], signs: tuple[int, int, int]) -> CTImage:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from data_helpers import sphere_sample
 
+from ctvq.ct.sample import LATENT_STRIDE, SparseSample, decoder_targets, save_sample
 from ctvq.data.augment import apply_symmetry, random_symmetry, voxel_transform
 from ctvq.data.datasets import DatasetError, SparseSDF
-from ctvq.data.sample import LATENT_STRIDE, SparseSample, decoder_targets, save_sample
 
 SYMMETRIES = [(order, flips) for order in itertools.permutations(range(3))
               for flips in itertools.product((False, True), repeat=3)]

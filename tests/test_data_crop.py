@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from data_helpers import sphere_sample
 
+from ctvq.ct.sample import LATENT_STRIDE, SparseSample, decoder_targets
 from ctvq.data.crop import choose_crop_cells, crop_to_budget, select_cells
-from ctvq.data.sample import LATENT_STRIDE, SparseSample, decoder_targets
 
 MAX_POINTS = 3000
 

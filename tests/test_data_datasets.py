@@ -9,9 +9,9 @@ import pytest
 import torch
 from data_helpers import sphere_sample, write_cases, write_manifest
 
+from ctvq.ct.sample import SampleFormatError, save_sample
 from ctvq.ct.splits import SplitRule
 from ctvq.data.datasets import CTWindowSparseSDF, DatasetError, SparseSDF
-from ctvq.data.sample import SampleFormatError, save_sample
 
 RADII = (0.0, 8.0, 14.0, 18.0)  # case0 is a dot: ~120 band points, below a min_points of 500
 

@@ -7,10 +7,10 @@ import torch
 
 from ctvq.ct.io import CTImage
 from ctvq.ct.pipeline import build_sample, load_windowed, window_image
+from ctvq.ct.sample import save_sample
 from ctvq.ct.volume_file import save_windowed
 from ctvq.ct.windows import WINDOWS
 from ctvq.data.datasets import CTWindowSparseSDF, DatasetError
-from ctvq.data.sample import save_sample
 
 KEYS = ("coords", "feats", "latent_coords", "targets", "affine")
 

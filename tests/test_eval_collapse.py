@@ -16,7 +16,7 @@ import torch
 from data_helpers import sample_from_distance, spheres_distance
 
 from ctvq.cli import main
-from ctvq.data.sample import SparseSample, save_sample
+from ctvq.ct.sample import SparseSample, save_sample
 from ctvq.eval.command import EXIT_NO_SURFACE, collapse_exit_code
 from ctvq.eval.surfaces import no_surface_reason
 from ctvq.eval.tokens import sample_batch
@@ -127,7 +127,7 @@ def test_eval_flags_collapsed_cases_writes_everything_and_fails_when_all_collaps
 def test_eval_refuses_a_sample_whose_case_id_would_write_outside_its_folder(runs, tmp_path, capsys, crafted):
     from dataclasses import replace
 
-    from ctvq.data.sample import load_sample
+    from ctvq.ct.sample import load_sample
 
     data = tmp_path / "data"
     data.mkdir()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from data_helpers import sample_from_distance, spheres_distance
 
-from ctvq.data.sample import decoder_targets
+from ctvq.ct.sample import decoder_targets
 from ctvq.eval.evaluate import compare_fields
 from ctvq.eval.metrics import (
     SurfaceIndex,

@@ -16,8 +16,8 @@ import torch
 from data_helpers import sample_from_distance, spheres_distance, write_manifest
 
 from ctvq.cli import main
+from ctvq.ct.sample import load_sample, save_sample
 from ctvq.ct.splits import SplitRule
-from ctvq.data.sample import load_sample, save_sample
 from ctvq.eval.loading import EvalInputError, load_model
 from ctvq.eval.tokens import decode_tokens, encode_sample, load_tokens, sample_batch, save_tokens
 from ctvq.models.vqvae import SparseSDFVQVAE

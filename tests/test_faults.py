@@ -380,7 +380,7 @@ def test_crafted_case_ids_write_nothing_outside(scan: Path, two_runs: tuple[Path
                                                 crafted: str) -> None:
     from dataclasses import replace
 
-    from ctvq.data.sample import load_sample, save_sample
+    from ctvq.ct.sample import load_sample, save_sample
 
     out = tmp_path / "out"
     one_error_line(ctvq("window", scan, "--window", "lung", "--resolution", "64", "-o", out / "w.npz",

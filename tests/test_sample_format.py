@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctvq.data.sample import (
+from ctvq.ct.sample import (
     FORMAT_VERSION,
     SampleFormatError,
     SparseSample,

@@ -8,9 +8,9 @@ from data_helpers import sphere_sample
 
 from ctvq.cli import main
 from ctvq.ct.manifest import manifest_table, read_manifest
+from ctvq.ct.sample import FORMAT_VERSION, load_sample, save_sample
 from ctvq.ct.volume_file import load_windowed
 from ctvq.data.datasets import peek_sample
-from ctvq.data.sample import FORMAT_VERSION, load_sample, save_sample
 
 
 def test_cli_chain_carries_the_window_settings_into_sample_and_manifest(

@@ -25,8 +25,8 @@ from train_helpers import write_config, write_data, write_stage1_checkpoint
 
 from ctvq.ct.phantom import chest_phantom
 from ctvq.ct.pipeline import build_sample, window_image
+from ctvq.ct.sample import save_sample
 from ctvq.ct.windows import get_window
-from ctvq.data.sample import save_sample
 from ctvq.train import guard
 from ctvq.train.progress import LOG_NAME, METRICS_NAME, LossEnds, RunLog
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from ctvq.ct.resources import preprocess_mem_mb
-from ctvq.data.sample import load_sample
+from ctvq.ct.sample import load_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -148,6 +148,15 @@ def test_full_run_trains_evaluates_and_a_second_run_does_nothing(tmp_path: Path)
     assert resplit.returncode == 0
     counts = _job_counts(resplit.stdout + resplit.stderr)
     assert counts["manifest"] == 1 and counts["evaluate"] == 1 and "index" not in counts
+    # every setting that changes an output reruns exactly the jobs it affects
+    base = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())
+    longer = {**base["train"], "max_steps": 4}
+    _write_config(tmp_path, train=longer, split=base["split"])
+    counts = _job_counts(_snakemake(tmp_path, "-n", "--cores", "2").stdout)
+    assert counts == {"all": 1, "evaluate": 1, "train_stage1": 1, "train_stage2": 1}, counts
+    _write_config(tmp_path, band=2.5, split=base["split"])
+    counts = _job_counts(_snakemake(tmp_path, "-n", "--cores", "2").stdout)
+    assert counts["sdf"] == 2 and counts["train_stage1"] == 1 and "window" not in counts, counts
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from ctvq.config.errors import Problems, show
-from ctvq.config.schema import LATENT_STRIDE, CTVQConfig, OptimizerConfig, SchedulerConfig
+from ctvq.config.schema import CTVQConfig, OptimizerConfig, SchedulerConfig
+from ctvq.ct.sample import LATENT_STRIDE
 
 
 def cross_checks(model: dict | None, dataset: dict | None, trainer: dict | None, problems: Problems) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from ctvq.config.choices import AUGMENTS, LOSS_TYPES, RECON_WEIGHTINGS
+from ctvq.choices import AUGMENTS, LOSS_TYPES, RECON_WEIGHTINGS
 from ctvq.config.fields import (
     DECAY_FACTOR,
     NON_EMPTY,
@@ -27,6 +27,7 @@ from ctvq.config.fields import (
     each,
     spec,
 )
+from ctvq.ct.windows import CUSTOM, WINDOWS
 
 MODEL_NAMES = ("SparseSDFVQVAE",)
 DATASET_NAMES = ("CTWindowSparseSDF", "SparseSDF")
@@ -36,12 +37,10 @@ SCHEDULER_NAMES = ("CosineAnnealingLR", "ExponentialLR", "StepLR")
 GRAD_CLIPPER_NAMES = ("AdaptiveGradClipper",)
 
 WINDOW_PRESETS: MappingProxyType[str, tuple[float, float]] = MappingProxyType(
-    {"lung": (1500.0, -600.0), "bone": (1500.0, 300.0), "soft_tissue": (400.0, 50.0), "brain": (80.0, 35.0)}
+    {name: (w.width, w.level) for name, w in WINDOWS.items()}
 )
-"""Named CT windows as (width, level) in HU. ``custom`` takes both from the dataset args."""
-
-LATENT_STRIDE = 8
-"""Input voxels per latent voxel along each axis: dataset resolution = 8 x model resolution."""
+"""Named CT windows as (width, level) in HU (the registry of ``ctvq.ct.windows``); ``custom`` takes both
+from the dataset args."""
 
 _ADAM = ("AdamW", "Adam")
 MODEL_CHANNELS = Check(lambda v: v >= 16 and v % 16 == 0,
@@ -138,7 +137,7 @@ class DatasetConfig:
 
     name: Literal["CTWindowSparseSDF", "SparseSDF"] = spec("CTWindowSparseSDF")
     resolution: int = spec(512, check=at_least(64))
-    window_type: Literal["lung", "bone", "soft_tissue", "brain", "custom"] = spec("lung")
+    window_type: Literal[(*WINDOWS, CUSTOM)] = spec("lung")  # type: ignore[valid-type]
     min_points: int = spec(100, check=NON_NEGATIVE)
     max_points: int = spec(stage=(100_000, 500_000), check=at_least(1))
     cache_data: bool = spec(False)

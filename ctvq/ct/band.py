@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctvq.ct.errors import CTInputError
+from ctvq.ct.sample import CELL_VOXELS, LATENT_STRIDE
 from ctvq.ct.sdf import narrow_band_sdf
 from ctvq.ct.surface import RAW, SurfaceSettings, island_voxels, remove_islands
 from ctvq.ct.volume_file import (
@@ -27,7 +28,6 @@ from ctvq.ct.volume_file import (
     surface_from,
 )
 from ctvq.ct.windows import Window, check_iso
-from ctvq.data.sample import CELL_VOXELS, LATENT_STRIDE
 
 BAND_FORMAT_VERSION = 2  # 2: adds the surface settings and the scan extent
 _KIND = "ctvq-band"

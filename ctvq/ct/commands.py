@@ -24,11 +24,11 @@ from ctvq.ct.index import build_index
 from ctvq.ct.io import FILE_SUFFIXES, write_ct, write_dicom_series
 from ctvq.ct.phantom import chest_phantom
 from ctvq.ct.pipeline import build_band, default_case_id, load_windowed, window_scan
+from ctvq.ct.sample import save_sample
 from ctvq.ct.splits import DEFAULT_FRACTIONS, SPLITS, SplitError, SplitRule, parse_fractions
 from ctvq.ct.surface import PADS, SURFACE_DEFAULTS, SurfaceSettings, surface_settings
 from ctvq.ct.volume_file import WindowedVolume, save_windowed
 from ctvq.ct.windows import CUSTOM, DEFAULT_ISO, WINDOWS, get_window
-from ctvq.data.sample import save_sample
 
 
 class _Clock:

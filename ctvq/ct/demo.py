@@ -13,8 +13,8 @@ from pathlib import Path
 from ctvq.ct.commands import run_index, run_phantom, run_sdf, run_window
 from ctvq.ct.manifest import manifest_table, write_manifest
 from ctvq.ct.preview import save_preview
+from ctvq.ct.sample import load_sample
 from ctvq.ct.volume_file import load_windowed
-from ctvq.data.sample import load_sample
 
 DEMO_SHAPE = (224, 224, 72)
 DEMO_SPACING = (0.7, 0.7, 2.0)

@@ -6,8 +6,8 @@ import numpy as np
 
 from ctvq.ct.band import BandField, flat_cells, occupied_cells
 from ctvq.ct.errors import CTInputError
+from ctvq.ct.sample import SparseSample
 from ctvq.ct.volume_file import extent_or_cube
-from ctvq.data.sample import SparseSample
 
 
 def build_index(field: BandField) -> SparseSample:

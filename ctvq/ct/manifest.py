@@ -13,8 +13,8 @@ import pandas as pd
 from ctvq.atomic import atomic_output
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.failure import read_failure
+from ctvq.ct.sample import SparseSample, load_sample
 from ctvq.ct.splits import SplitRule
-from ctvq.data.sample import SparseSample, load_sample
 
 COLUMNS = ("case_id", "source", "sample_path", "window", "resolution", "spacing", "num_points", "num_latent",
            "bbox", "status", "split", "smooth_mm", "min_island_mm3", "body_mask", "pad", "scan_extent")

@@ -18,10 +18,10 @@ from ctvq.ct.errors import CTInputError
 from ctvq.ct.index import build_index
 from ctvq.ct.io import FILE_SUFFIXES, CTImage, read_ct
 from ctvq.ct.resample import canonical_orientation, resample_to_cube, scan_extent
+from ctvq.ct.sample import SparseSample
 from ctvq.ct.surface import SurfaceSettings, foreign_objects, smooth_hu, surface_settings
 from ctvq.ct.volume_file import WindowedVolume, load_windowed
 from ctvq.ct.windows import Window
-from ctvq.data.sample import SparseSample
 
 __all__ = ["build_band", "build_sample", "default_case_id", "load_windowed", "window_image", "window_scan"]
 

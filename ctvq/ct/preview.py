@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ctvq.atomic import atomic_output
-from ctvq.data.sample import SparseSample
+from ctvq.ct.sample import SparseSample
 
 FIGURE_INCHES = (12.0, 4.4)
 DPI = 80  # the PNG is FIGURE_INCHES * DPI pixels: 960 x 352

@@ -18,8 +18,8 @@ from itertools import permutations
 
 import numpy as np
 
-from ctvq.config.choices import AUGMENTS
-from ctvq.data.sample import CELL_VOXELS, LATENT_STRIDE, SparseSample
+from ctvq.choices import AUGMENTS
+from ctvq.ct.sample import CELL_VOXELS, LATENT_STRIDE, SparseSample
 
 _ORDERS = tuple(permutations(range(3)))
 

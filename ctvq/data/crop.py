@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ctvq.data.sample import SparseSample
+from ctvq.ct.sample import SparseSample
 
 
 def choose_crop_cells(

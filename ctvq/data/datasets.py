@@ -34,17 +34,17 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from ctvq.ct.splits import SPLITS
-from ctvq.ct.windows import CUSTOM, WINDOWS
-from ctvq.data.augment import AUGMENTS, apply_symmetry, random_symmetry
-from ctvq.data.crop import crop_to_budget
-from ctvq.data.sample import (
+from ctvq.ct.sample import (
     SampleFormatError,
     SparseSample,
     check_format_version,
     decoder_targets,
     load_sample,
 )
+from ctvq.ct.splits import SPLITS
+from ctvq.ct.windows import CUSTOM, WINDOWS
+from ctvq.data.augment import AUGMENTS, apply_symmetry, random_symmetry
+from ctvq.data.crop import crop_to_budget
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import numpy as np
 
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.pipeline import build_sample, window_scan
+from ctvq.ct.sample import SampleFormatError, SparseSample, load_sample
 from ctvq.ct.splits import SPLITS
 from ctvq.ct.volume_file import save_npz_atomic
 from ctvq.ct.windows import Window
-from ctvq.data.sample import SampleFormatError, SparseSample, load_sample
 from ctvq.eval.evaluate import run_evaluation
 from ctvq.eval.loading import (
     DataSettings,

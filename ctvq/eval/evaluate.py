@@ -31,10 +31,10 @@ import pandas as pd
 
 from ctvq.atomic import atomic_output, atomic_write_text
 from ctvq.ct.case_id import case_id_problem
+from ctvq.ct.sample import SparseSample, decoder_targets, load_sample
 from ctvq.ct.splits import SPLITS
 from ctvq.ct.volume_file import load_windowed
 from ctvq.data.datasets import DatasetError, read_manifest
-from ctvq.data.sample import SparseSample, decoder_targets, load_sample
 from ctvq.eval.figures import save_case_figure, training_curves
 from ctvq.eval.loading import DataSettings, EvalInputError, LoadedModel, run_config_path
 from ctvq.eval.metrics import (

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ctvq.config import ConfigError, load_config
-from ctvq.config.schema import LATENT_STRIDE
+from ctvq.ct.sample import LATENT_STRIDE
 from ctvq.device import resolve_device
 from ctvq.models.vqvae import SparseSDFVQVAE
 from ctvq.train.checkpoint import CheckpointError, load_file

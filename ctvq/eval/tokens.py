@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ctvq.ct.sample import LATENT_STRIDE, SparseSample
 from ctvq.ct.volume_file import load_npz, save_npz_atomic
 from ctvq.data.collate import collate_sparse
 from ctvq.data.datasets import sample_to_item
-from ctvq.data.sample import LATENT_STRIDE, SparseSample
 from ctvq.eval.loading import EvalInputError, LoadedModel
 
 TOKEN_FORMAT_VERSION = 1

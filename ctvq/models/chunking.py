@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ctvq.ct.sample import LATENT_STRIDE
+
 DEFAULT_PADDING = 4
-UPSAMPLE_FACTOR = 8  # three 2x subdivisions
+UPSAMPLE_FACTOR = LATENT_STRIDE  # the decoder's three 2x subdivisions undo the data's latent stride
 
 
 @dataclass(frozen=True)

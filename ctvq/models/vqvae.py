@@ -13,7 +13,6 @@ un-chunked decode. The transformer part always sees the whole latent set.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctvq.config.choices import LOSS_TYPES, RECON_WEIGHTINGS
+from ctvq.choices import LOSS_TYPES, RECON_WEIGHTINGS
 from ctvq.models.chunking import (
     DEFAULT_PADDING,
     UPSAMPLE_FACTOR,
@@ -377,9 +376,11 @@ class SparseSDFVQVAE(nn.Module):
 
 
 def model_defaults() -> dict[str, Any]:
-    """The constructor defaults of SparseSDFVQVAE (what a config file leaves out)."""
-    sig = inspect.signature(SparseSDFVQVAE.__init__)
-    return {k: p.default for k, p in sig.parameters.items() if k != "self"}
+    """What a config file that leaves a model key out gets: the config schema's defaults (the one set of
+    defaults users meet; the constructor's own keep its unit tests short)."""
+    from ctvq.config.schema import ModelConfig
+
+    return ModelConfig().to_dict()["args"]
 
 
 __all__ = [

@@ -15,8 +15,8 @@ import torch
 
 from ctvq.atomic import FileSystemError
 from ctvq.config import ConfigError, CTVQConfig, load_config
+from ctvq.ct.sample import SampleFormatError
 from ctvq.data.datasets import DatasetError
-from ctvq.data.sample import SampleFormatError
 from ctvq.models import PretrainedWeightsError
 from ctvq.train.checkpoint import CheckpointError
 from ctvq.train.distributed import ReplicaMismatchError, setup, teardown

@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ctvq.data.sample import LATENT_STRIDE
+from ctvq.ct.sample import LATENT_STRIDE
 
 GRAD_RATIO = 5e-2
 PATIENCE = 50

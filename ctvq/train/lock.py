@@ -33,9 +33,11 @@ class RunLock:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.path = Path(folder) / LOCK_NAME
         self.took_over: str | None = None
+        self._created = False
         self._mine = {"host": host_name(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def __enter__(self) -> RunLock:
+        self._created = not self.path.parent.exists()  # a start that fails leaves no empty folder behind
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(_ATTEMPTS):  # a dead holder's lock is removed, then created again exclusively
             try:
@@ -90,6 +92,8 @@ class RunLock:
         mine = holder is not None and all(holder.get(k) == self._mine[k] for k in ("host", "pid"))
         if mine:
             self.path.unlink(missing_ok=True)
+            if self._created and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()
 
 
 __all__ = ["LOCK_NAME", "RunLock", "RunLockError"]

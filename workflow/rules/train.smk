@@ -2,6 +2,7 @@
 # final checkpoint. A rule given more than one GPU runs torchrun with one process per GPU.
 
 
+# in params: (not pasted into the shell from a global) so that changing train.max_steps reruns training
 MAX_STEPS = f" --max-steps {TRAIN['max_steps']}" if TRAIN.get("max_steps") else ""
 
 
@@ -24,6 +25,7 @@ rule train_stage1:
         run_dir=lambda wc: f"{RESULTS}/train/{wc.window}/stage1",
         launcher=_train_launcher,
         band=config["band"],
+        max_steps=MAX_STEPS,
     threads: TRAIN["threads"]
     resources:
         gpu=TRAIN["gpus"],
@@ -31,7 +33,7 @@ rule train_stage1:
         runtime=TRAIN["runtime_minutes"],
     shell:
         "{params.launcher} train --config {input.config} --data {input.manifest} --output-dir {params.run_dir}"
-        " --window {wildcards.window} --band {params.band} --threads {threads}{MAX_STEPS} > {log} 2>&1"
+        " --window {wildcards.window} --band {params.band} --threads {threads}{params.max_steps} > {log} 2>&1"
 
 
 rule train_stage2:
@@ -47,6 +49,7 @@ rule train_stage2:
         run_dir=lambda wc: f"{RESULTS}/train/{wc.window}/stage2",
         launcher=_train_launcher,
         band=config["band"],
+        max_steps=MAX_STEPS,
     threads: TRAIN["threads"]
     resources:
         gpu=TRAIN["gpus"],
@@ -55,5 +58,5 @@ rule train_stage2:
     shell:
         "{params.launcher} train --config {input.config} --data {input.manifest} --output-dir {params.run_dir}"
         " --window {wildcards.window} --band {params.band} --pretrained-vae-path {input.stage1}"
-        " --threads {threads}{MAX_STEPS}"
+        " --threads {threads}{params.max_steps}"
         " > {log} 2>&1"
