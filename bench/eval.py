@@ -23,8 +23,8 @@ import torch
 
 from ctvq.ct.phantom import chest_phantom
 from ctvq.ct.pipeline import build_sample, window_image
+from ctvq.ct.sample import decoder_targets
 from ctvq.ct.windows import WINDOWS
-from ctvq.data.sample import decoder_targets
 from ctvq.eval.evaluate import compare_fields
 from ctvq.eval.loading import LoadedModel
 from ctvq.eval.metrics import surface_distances

@@ -110,7 +110,7 @@ def _reference_band(volume: Any, band: float, band_type: type) -> Any:
     from scipy import ndimage
 
     from ctvq.ct.band import flat_cells
-    from ctvq.data.sample import CELL_VOXELS
+    from ctvq.ct.sample import CELL_VOXELS
 
     inside = volume.values > 0.5
     outside_d = ndimage.distance_transform_edt(~inside)
@@ -166,8 +166,8 @@ def _accuracy(windowed_path: Path, samples: dict[str, Path], band: float, count:
     from skimage.measure import marching_cubes
 
     from ctvq.ct.preview import dense_sdf
+    from ctvq.ct.sample import load_sample
     from ctvq.ct.volume_file import load_windowed
-    from ctvq.data.sample import load_sample
 
     values = load_windowed(windowed_path).values
     loaded = {m: load_sample(p) for m, p in samples.items()}

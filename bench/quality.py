@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctvq.ct.band import default_band
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY1, TINY2 = ROOT / "configs/vqvae/tiny_stage1.json", ROOT / "configs/vqvae/tiny_stage2.json"
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
@@ -134,8 +136,8 @@ def preprocess(cases: list[Case], window: str, resolution: int, folder: Path) ->
     """
     from ctvq.ct.errors import CTInputError
     from ctvq.ct.pipeline import build_sample, window_scan
+    from ctvq.ct.sample import save_sample
     from ctvq.ct.windows import WINDOWS
-    from ctvq.data.sample import save_sample
 
     groups: dict[str, list[Path]] = {"train": [], "val_phantom": [], "val_real": []}
     skipped = {}
@@ -147,7 +149,7 @@ def preprocess(cases: list[Case], window: str, resolution: int, folder: Path) ->
             except CTInputError as exc:
                 skipped[case.case_id] = str(exc)
                 continue
-            save_sample(build_sample(volume, band=3.0, iso_value=0.5), path)
+            save_sample(build_sample(volume, band=default_band(window), iso_value=0.5), path)
         groups["train" if case.split == "train" else f"val_{case.kind}"].append(path)
     manifests = {}
     for name, paths in groups.items():
@@ -169,7 +171,7 @@ def write_manifest(paths: list[Path], path: Path, split: str) -> Path:
 
 def case_stats(cases: list[Case], groups: dict[str, list[Path]]) -> list[dict[str, Any]]:
     """Per case: band/cell counts, voxel edge, and the decoder targets < 0 (inside) or in the band."""
-    from ctvq.data.sample import decoder_targets, load_sample
+    from ctvq.ct.sample import decoder_targets, load_sample
     from ctvq.eval.metrics import voxel_edge_mm
 
     kinds = {c.case_id: (c.split, c.kind) for c in cases}
@@ -282,7 +284,7 @@ def train_variant(variant: Variant, window: str, resolution: int, data: Path, ru
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
         cmd = ctvq("train", "--config", str(cfg_path), "--data", str(data), "--output-dir",
                    str(run / f"s{stage}"), "--threads", str(args.threads), "--device", args.device,
-                   "--no-tensorboard", "--resume", "never")
+                   "--no-tensorboard", "--resume", "never", "--band", str(default_band(window)))
         if stage == 2:
             cmd += ["--pretrained-vae-path", str(run / "s1" / "ckpts" / "final.pt")]
         result = run_logged(cmd, run / f"stage{stage}.log", args.threads)
@@ -321,7 +323,7 @@ def voxel_metrics(table: pd.DataFrame, manifest: Path, meshes: Path, points: int
     """Per case: Chamfer in voxels, F-score at a 1-voxel threshold (from eval's meshes), collapsed flag."""
     import trimesh
 
-    from ctvq.data.sample import load_sample
+    from ctvq.ct.sample import load_sample
     from ctvq.eval.metrics import fscore_key, surface_distances, voxel_edge_mm
 
     samples = pd.read_csv(manifest, dtype={"case_id": str})
@@ -526,7 +528,8 @@ def prepare_data(args: argparse.Namespace, windows: list[str], resolutions: list
     for window in windows:
         for res in resolutions:
             tic = time.perf_counter()
-            entry = preprocess(cases, window, res, args.work / "data" / window / f"r{res}")
+            entry = preprocess(cases, window, res,
+                               args.work / "data" / window / f"r{res}_band{default_band(window):g}")
             entry["inside_fraction"] = inside_fractions(entry["cases"])
             data[(window, res)] = entry
             print(f"data {window} r{res}: {len(entry['cases'])} cases, skipped {list(entry['skipped'])} "

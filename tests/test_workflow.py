@@ -103,6 +103,21 @@ def test_bad_pipeline_config_is_refused_naming_the_key(tmp_path: Path) -> None:
     assert "'lungs'" in said and "['windows']" in said
 
 
+def test_band_per_window_reaches_sdf_and_training(tmp_path: Path) -> None:
+    from ctvq.ct.band import default_band
+
+    configs = ROOT / "configs" / "vqvae"
+    _write_config(tmp_path, inputs={"phantoms": 1}, windows=["lung", "bone"], band={"lung": 2.5},
+                  train={"windows": ["lung", "bone"], "stage1_config": str(configs / "tiny_stage1.json"),
+                         "stage2_config": str(configs / "tiny_stage2.json")})
+    run = _snakemake(tmp_path, "-n", "-p", "--cores", "1")
+    said = run.stdout + run.stderr
+    assert run.returncode == 0, said
+    assert re.search(r"sdf results/windowed/lung/\S+ .*--band 2\.5 ", said)
+    assert re.search(rf"sdf results/windowed/bone/\S+ .*--band {default_band('bone')} ", said)
+    assert re.search(rf"train .*--window bone --band {default_band('bone')} ", said)
+
+
 def test_workflow_messages_name_the_configfile_given(tmp_path: Path) -> None:
     config = _write_config(tmp_path, train={"windows": ["bone"], "stage1_config": "x", "stage2_config": "y"})
     run = _snakemake(tmp_path, "-n", "--cores", "1")
@@ -231,18 +246,24 @@ def test_training_rule_given_several_gpus_launches_torchrun_with_one_process_eac
     assert "torch.distributed.run" not in stage2
 
 
-@pytest.mark.slow
-def test_training_job_killed_mid_run_resumes_from_its_last_checkpoint_when_rerun(tmp_path: Path) -> None:
+def _stage1_job(tmp_path: Path, **trainer: int) -> tuple[str, list[str]]:
+    """(target, snakemake command) of a one-phantom workflow whose stage-1 config has ``trainer`` args
+    (checkpoints every 5 steps)."""
     stage1 = json.loads((ROOT / "configs" / "vqvae" / "tiny_stage1.json").read_text())
-    stage1["trainer"]["args"].update(max_steps=150, i_save=5, i_sample=1000, i_print=5)
+    stage1["trainer"]["args"].update(i_save=5, i_print=5, **trainer)
     (tmp_path / "stage1.json").write_text(json.dumps(stage1))
     config = _write_config(tmp_path, inputs={"phantoms": 1})
     settings = yaml.safe_load(config.read_text())
     settings["train"].update(stage1_config=str(tmp_path / "stage1.json"), max_steps=None)
     config.write_text(yaml.safe_dump(settings))
     target = "results/train/lung/stage1/ckpts/final.pt"
-    cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "workflow" / "Snakefile"), "--directory", str(tmp_path),
-           "--configfile", str(config), "--cores", "1", target]
+    return target, [SNAKEMAKE, "--snakefile", str(ROOT / "workflow" / "Snakefile"), "--directory",
+                    str(tmp_path), "--configfile", str(config), "--cores", "1", target]
+
+
+@pytest.mark.slow
+def test_training_job_killed_mid_run_resumes_from_its_last_checkpoint_when_rerun(tmp_path: Path) -> None:
+    target, cmd = _stage1_job(tmp_path, max_steps=150, i_sample=1000)
     ckpts = tmp_path / "results" / "train" / "lung" / "stage1" / "ckpts"
     job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
@@ -270,16 +291,7 @@ def test_training_job_killed_mid_run_resumes_from_its_last_checkpoint_when_rerun
 def test_an_orphaned_trainer_keeps_its_run_folder_when_the_workflow_is_rerun(tmp_path: Path) -> None:
     """SIGKILL to Snakemake alone leaves its trainer running; a rerun must not start a second trainer on the
     same run folder (interleaved checkpoints, duplicated metrics rows): the run lock refuses it."""
-    stage1 = json.loads((ROOT / "configs" / "vqvae" / "tiny_stage1.json").read_text())
-    stage1["trainer"]["args"].update(max_steps=100_000, i_save=5, i_sample=100_000, i_print=5)
-    (tmp_path / "stage1.json").write_text(json.dumps(stage1))
-    config = _write_config(tmp_path, inputs={"phantoms": 1})
-    settings = yaml.safe_load(config.read_text())
-    settings["train"].update(stage1_config=str(tmp_path / "stage1.json"), max_steps=None)
-    config.write_text(yaml.safe_dump(settings))
-    target = "results/train/lung/stage1/ckpts/final.pt"
-    cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "workflow" / "Snakefile"), "--directory", str(tmp_path),
-           "--configfile", str(config), "--cores", "1", target]
+    target, cmd = _stage1_job(tmp_path, max_steps=100_000, i_sample=100_000)
     run_dir = tmp_path / "results" / "train" / "lung" / "stage1"
     job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)

@@ -29,6 +29,19 @@ from ctvq.ct.volume_file import (
 )
 from ctvq.ct.windows import Window, check_iso
 
+DEFAULT_BANDS: dict[str, float] = {"lung": 3.0, "bone": 1.5, "soft_tissue": 3.0, "brain": 3.0}
+"""Band half-width (voxels) per window when none is given. Thin anatomy learns better in a narrow band: on
+held-out bone phantoms at 64^3 (tiny configs, 200 + 300 steps, 4 val cases) band 1.5 gave occupancy IoU 0.43,
+Chamfer-L1 1.9 mm, F@1 mm 0.51 against 0.34, 2.5 mm, 0.39 at band 3 (1.0 broke the surface: Chamfer 10 mm);
+on lung the narrow band lost (IoU 0.88 vs 0.90, codebook usage 0.31 vs 0.63), so lung keeps 3."""
+FALLBACK_BAND = 3.0  # custom windows
+
+
+def default_band(window: str) -> float:
+    """The band ``ctvq sdf`` and the workflow use for ``window`` unless told otherwise."""
+    return DEFAULT_BANDS.get(window, FALLBACK_BAND)
+
+
 BAND_FORMAT_VERSION = 2  # 2: adds the surface settings and the scan extent
 _KIND = "ctvq-band"
 

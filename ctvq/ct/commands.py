@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ctvq.ct.band import band_and_inside, dense_field, load_band, save_band
+from ctvq.ct.band import DEFAULT_BANDS, band_and_inside, default_band, dense_field, load_band, save_band
 from ctvq.ct.case_id import check_case_id
 from ctvq.ct.errors import CTInputError, warnings_as_lines
 from ctvq.ct.failure import CaseFailure, one_line, read_failure, write_failure
@@ -116,10 +116,12 @@ def write_window_pictures(volume: WindowedVolume, preview: Path | None, nifti: P
         clock.log(f"wrote {nifti} (windowed values in [0, 1])")
 
 
-def run_sdf(source: Path, output: Path, band: float, iso: float, quiet: bool = False,
+def run_sdf(source: Path, output: Path, band: float | None, iso: float, quiet: bool = False,
             nifti: Path | None = None) -> None:
+    """``band`` None: the window's default (``ctvq.ct.band.DEFAULT_BANDS``)."""
     check_picture_paths(None, nifti)
     volume = load_windowed(source)
+    band = default_band(volume.window.name) if band is None else band
     clock = _Clock("sdf", volume.case_id, quiet)
     if nifti is None:
         field = build_band(volume, band=band, iso_value=iso)
@@ -236,7 +238,9 @@ def _failures_recorded(args: argparse.Namespace, step: str, case_id: str, window
 def configure_sdf(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="windowed volume from `ctvq window`")
     p.add_argument("-o", "--output", type=Path, required=True, help="band file (.npz)")
-    p.add_argument("--band", type=float, default=3.0, help="band half-width in voxels (default 3)")
+    p.add_argument("--band", type=float, default=None,
+                   help="band half-width in voxels (default: the window's, "
+                        + ", ".join(f"{w} {b:g}" for w, b in DEFAULT_BANDS.items()) + "; custom 3)")
     p.add_argument("--iso", type=float, default=DEFAULT_ISO,
                    help="iso value on the windowed scale (default 0.5)")
     p.add_argument("--nifti", type=Path, metavar="NII_GZ",
@@ -299,7 +303,8 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", type=int, default=3, help="number of phantom cases (seeds 0..N-1)")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--windows", nargs="+", default=["lung", "bone"], choices=list(WINDOWS))
-    p.add_argument("--band", type=float, default=3.0)
+    p.add_argument("--band", type=float, default=None, help="band half-width in voxels (default: per window, "
+                   "as ctvq sdf)")
     p.add_argument("--min-points", type=int, default=100)
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from ctvq.ct.band import default_band
 from ctvq.ct.discover import discover_scans
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.resources import preprocess_mem_mb  # the preprocessing rules size their memory with it
@@ -21,6 +22,13 @@ validate(config, schema="../schemas/pipeline.schema.yaml")
 CTVQ = f"{sys.executable} -m ctvq"
 RESULTS = config["results"]
 WINDOWS = config["windows"]
+
+
+def band_of(wildcards) -> float:
+    """The band of a window: `band` is one number for all, or per window (ctvq's default for the rest)."""
+    band = config["band"]
+    return float(band) if isinstance(band, (int, float)) else float(band.get(wildcards.window,
+                                                                             default_band(wildcards.window)))
 
 
 def _scan_dir_cases(folder: str, taken: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:

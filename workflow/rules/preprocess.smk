@@ -38,7 +38,7 @@ rule sdf:
     log:
         "logs/sdf/{window}/{case}.log",
     params:
-        band=config["band"],
+        band=band_of,
     resources:
         mem_mb=preprocess_mem_mb("sdf", config["resolution"]),
     shell:

@@ -24,7 +24,7 @@ rule train_stage1:
     params:
         run_dir=lambda wc: f"{RESULTS}/train/{wc.window}/stage1",
         launcher=_train_launcher,
-        band=config["band"],
+        band=band_of,
         max_steps=MAX_STEPS,
     threads: TRAIN["threads"]
     resources:
@@ -48,7 +48,7 @@ rule train_stage2:
     params:
         run_dir=lambda wc: f"{RESULTS}/train/{wc.window}/stage2",
         launcher=_train_launcher,
-        band=config["band"],
+        band=band_of,
         max_steps=MAX_STEPS,
     threads: TRAIN["threads"]
     resources:
