@@ -131,3 +131,22 @@ def test_errors_without_an_errno_are_not_disguised(tmp_path: Path) -> None:
         tmp.write_bytes(b"x")
         raise OSError("custom failure")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_respect_the_umask(tmp_path: Path) -> None:
+    """Temporary files and folders are private (mkstemp/mkdtemp: 0600/0700); what is moved into place gets
+    the mode the user's umask gives, so a shared cohort folder stays readable by the group."""
+    from ctvq.atomic import atomic_directory, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_directory(tmp_path / "series") as folder:
+            (folder / "slice.dcm").write_bytes(b"x")
+        with atomic_output(tmp_path / "b.bin") as tmp, open(tmp, "wb") as fh:
+            fh.write(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "series").stat().st_mode & 0o777 == 0o755

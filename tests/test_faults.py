@@ -391,3 +391,62 @@ def test_crafted_case_ids_write_nothing_outside(scan: Path, two_runs: tuple[Path
                         "--output-dir", out / "eval"), "eval", "case id")
     escaped = Path(crafted if crafted.startswith("/") else (out / "eval" / crafted).resolve())
     assert not list(escaped.parent.glob(f"{escaped.name}*")) and not (out / "m.json").exists()
+
+
+# -- config holes through the command line -----------------------------------------------------------------
+BAD_CONFIGS = {
+    "model_channels_100": ({"models.vqvae.args.model_channels": 100,
+                            "models.vqvae.args.num_head_channels": 4}, "multiple of 16"),
+    "rope_head_4": ({"models.vqvae.args.pe_mode": "rope", "models.vqvae.args.num_head_channels": 4},
+                    "even number >= 6"),
+    "mlp_ratio_0.001": ({"models.vqvae.args.mlp_ratio": 0.001}, "without a hidden channel"),
+    "representation_config": ({"models.vqvae.args.representation_config": {"kind": "sdf"}}, "must be null"),
+    "batch_split_above_batch": ({"trainer.args.batch_size_per_gpu": 1, "trainer.args.batch_split": 4},
+                                "set batch_size_per_gpu to 4 and keep batch_split 4"),
+    "models_renamed_model": ({"<rename>": ("models", "model")}, "did you mean 'models'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_bad_configs_fail_before_any_work(name: str, training: tuple[Path, Path], tmp_path: Path) -> None:
+    config, data = training
+    edits, says = BAD_CONFIGS[name]
+    cfg = json.loads(config.read_text())
+    for dotted, value in edits.items():
+        if dotted == "<rename>":
+            cfg[value[1]] = cfg.pop(value[0])
+            continue
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    bad = tmp_path / f"{name}.json"
+    bad.write_text(json.dumps(cfg))
+    report = ctvq("validate-config", bad)  # a report on stdout, one block per file
+    assert report.returncode == 2 and "Traceback" not in report.stderr + report.stdout
+    assert f"invalid config {bad} (1 problem):" in report.stdout and says in report.stdout, report.stdout
+    one_error_line(ctvq("train", "--config", bad, "--data", data, "--output-dir", tmp_path / "run",
+                        *TRAIN_FLAGS), "train", says)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_manifest_mixing_windows_says_what_it_leaves_out(tmp_path: Path) -> None:
+    import numpy as np
+    from train_helpers import write_config as config_of
+    from train_helpers import write_data as data_of
+
+    data = data_of(tmp_path / "data", cases=3)
+    for path in sorted(data.parent.glob("c*.npz"))[:1]:  # one case re-made as a bone sample
+        with np.load(path) as sample:
+            arrays = dict(sample)
+        arrays["window"] = np.asarray("bone")
+        arrays["window_width"], arrays["window_level"] = np.asarray(1500.0), np.asarray(300.0)
+        np.savez(path.with_name("bone_" + path.name), **{**arrays, "case_id": np.asarray("b0")})
+    mixed = tmp_path / "mixed.csv"
+    samples = sorted(data.parent.glob("*.npz"))
+    assert ctvq("manifest", *samples, "-o", mixed, "--split", "train=1").returncode == 0
+    config = config_of(tmp_path / "cfg.json", max_steps=1)
+    done = ctvq("train", "--config", config, "--data", mixed, "--output-dir", tmp_path / "run", *TRAIN_FLAGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 train case(s) used (0 filtered); rows of other windows left out: bone 1" in done.stdout

@@ -133,3 +133,10 @@ SURFACE_ARGS = _surface_args()
 wildcard_constraints:
     case="|".join(re.escape(c) for c in sorted(CASES)),
     window="|".join(WINDOWS),
+
+
+def _train_launcher(wildcards, resources):
+    """`python -m ctvq train` for 0-1 GPUs, torchrun with one process per GPU beyond that."""
+    if resources.gpu > 1:
+        return f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node {resources.gpu} -m ctvq"
+    return CTVQ

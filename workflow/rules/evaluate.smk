@@ -13,6 +13,7 @@ rule evaluate:
     log:
         "logs/eval/{window}.log",
     params:
+        ctvq=CTVQ,
         out_dir=lambda wc: f"{RESULTS}/eval/{wc.window}",
         train_log=lambda wc: f"{RESULTS}/train/{wc.window}/stage2/metrics.csv",
         windowed=lambda wc: f"{RESULTS}/windowed/{wc.window}",
@@ -21,5 +22,5 @@ rule evaluate:
     resources:
         mem_mb=TRAIN["mem_mb"],
     shell:
-        "{CTVQ} eval --ckpt {input.ckpt} --data {input.manifest} -o {output.metrics} --output-dir {params.out_dir}"
+        "{params.ctvq} eval --ckpt {input.ckpt} --data {input.manifest} -o {output.metrics} --output-dir {params.out_dir}"
         " --train-log {params.train_log} --windowed-dir {params.windowed} {params.allow_collapse} > {log} 2>&1"

@@ -8,8 +8,10 @@ rule phantom:
         f"{RESULTS}/raw/phantom{{seed}}.nii.gz",
     log:
         "logs/phantom/phantom{seed}.log",
+    params:
+        ctvq=CTVQ,
     shell:
-        "{CTVQ} phantom -o {output} --seed {wildcards.seed} > {log} 2>&1"
+        "{params.ctvq} phantom -o {output} --seed {wildcards.seed} > {log} 2>&1"
 
 
 rule window:
@@ -20,13 +22,14 @@ rule window:
     log:
         "logs/window/{window}/{case}.log",
     params:
+        ctvq=CTVQ,
         resolution=config["resolution"],
         surface=lambda wc: SURFACE_ARGS[wc.window],
         series=lambda wc: f"--series {SERIES[wc.case]}" if wc.case in SERIES else "",
     resources:
         mem_mb=preprocess_mem_mb("window", config["resolution"]),
     shell:
-        "{CTVQ} window {input} -o {output} --window {wildcards.window} --resolution {params.resolution}"
+        "{params.ctvq} window {input} -o {output} --window {wildcards.window} --resolution {params.resolution}"
         " --case-id {wildcards.case} {params.surface} {params.series} --record-failure > {log} 2>&1"
 
 
@@ -38,11 +41,12 @@ rule sdf:
     log:
         "logs/sdf/{window}/{case}.log",
     params:
+        ctvq=CTVQ,
         band=band_of,
     resources:
         mem_mb=preprocess_mem_mb("sdf", config["resolution"]),
     shell:
-        "{CTVQ} sdf {input} -o {output} --band {params.band} --record-failure > {log} 2>&1"
+        "{params.ctvq} sdf {input} -o {output} --band {params.band} --record-failure > {log} 2>&1"
 
 
 rule index:
@@ -52,10 +56,12 @@ rule index:
         f"{RESULTS}/samples/{{window}}/{{case}}.npz",
     log:
         "logs/index/{window}/{case}.log",
+    params:
+        ctvq=CTVQ,
     resources:
         mem_mb=preprocess_mem_mb("index", config["resolution"]),
     shell:
-        "{CTVQ} index {input} -o {output} --record-failure > {log} 2>&1"
+        "{params.ctvq} index {input} -o {output} --record-failure > {log} 2>&1"
 
 
 # The split options are params (changing the split section reruns the manifest); a split file is an input.
@@ -68,8 +74,9 @@ rule manifest:
     log:
         "logs/manifest/{window}.log",
     params:
+        ctvq=CTVQ,
         min_points=config["min_points"],
         split=SPLIT_ARGS,
     shell:
-        "{CTVQ} manifest {input.samples} -o {output} --min-points {params.min_points} {params.split}"
+        "{params.ctvq} manifest {input.samples} -o {output} --min-points {params.min_points} {params.split}"
         " > {log} 2>&1"

@@ -6,13 +6,6 @@
 MAX_STEPS = f" --max-steps {TRAIN['max_steps']}" if TRAIN.get("max_steps") else ""
 
 
-def _train_launcher(wildcards, resources):
-    """`python -m ctvq train` for 0-1 GPUs, torchrun with one process per GPU beyond that."""
-    if resources.gpu > 1:
-        return f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node {resources.gpu} -m ctvq"
-    return CTVQ
-
-
 rule train_stage1:
     input:
         manifest=f"{RESULTS}/manifests/{{window}}.csv",
