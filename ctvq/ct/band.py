@@ -29,11 +29,13 @@ from ctvq.ct.volume_file import (
 )
 from ctvq.ct.windows import Window, check_iso
 
-DEFAULT_BANDS: dict[str, float] = {"lung": 3.0, "bone": 1.5, "soft_tissue": 3.0, "brain": 3.0}
-"""Band half-width (voxels) per window when none is given. Thin anatomy learns better in a narrow band: on
-held-out bone phantoms at 64^3 (tiny configs, 200 + 300 steps, 4 val cases) band 1.5 gave occupancy IoU 0.43,
-Chamfer-L1 1.9 mm, F@1 mm 0.51 against 0.34, 2.5 mm, 0.39 at band 3 (1.0 broke the surface: Chamfer 10 mm);
-on lung the narrow band lost (IoU 0.88 vs 0.90, codebook usage 0.31 vs 0.63), so lung keeps 3."""
+DEFAULT_BANDS: dict[str, float] = {"lung": 3.0, "bone": 3.0, "soft_tissue": 3.0, "brain": 3.0}
+"""Band half-width (voxels) per window when none is given. A narrow band is a trade for thin anatomy, not a
+win: on 4 held-out bone phantoms at 64^3 (tiny configs, 200 + 300 steps) band 1.5 raised occupancy IoU 0.34 ->
+0.41 and F@1 mm 0.41 -> 0.46 but worsened Chamfer-L1 2.46 -> 2.60 mm; with 100 stage-1 steps codebook usage
+fell 0.96 -> 0.35 (Chamfer 2.74 -> 3.12 mm); band 1 broke the surface (Chamfer 9.6 mm); lung lost on every
+metric at 1.5 (IoU 0.90 -> 0.88, usage 0.85 -> 0.39). So every window keeps 3; set ``band: {bone: 1.5}`` in
+the pipeline config to take the trade."""
 FALLBACK_BAND = 3.0  # custom windows
 
 
