@@ -416,7 +416,8 @@ class Trainer:
             saved = step % t.i_save == 0 or step == self.total_steps
             if saved:
                 self.save()
-            if dist_util.any_rank(stop.signum is not None, self.device):
+            # at the last step the run just finishes (its final checkpoint is moments away)
+            if step < self.total_steps and dist_util.any_rank(stop.signum is not None, self.device):
                 signum = stop.signum if stop.signum is not None else STOP_SIGNALS[0]
                 if not saved:
                     self.save()
