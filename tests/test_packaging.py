@@ -30,14 +30,15 @@ def test_plain_install_runs_every_command(tmp_path: Path) -> None:
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "ctvq", source / "ctvq", ignore=shutil.ignore_patterns("__pycache__"))
     install = [str(python), "-m", "pip", "install", "-q", "-c", str(pins), "-r", str(pins), str(source)]
-    done = subprocess.run(install, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(install, capture_output=True, encoding="utf-8", errors="replace", timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["OMP_NUM_THREADS"] = "1"
 
     def ctvq(*args: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(venv / "bin" / "ctvq"), *map(str, args)], capture_output=True, text=True,
-                              timeout=600, cwd=tmp_path, env=env)
+        # utf-8 whatever the locale (CI may run with LANG unset: ASCII): help texts hold "mm³"
+        return subprocess.run([str(venv / "bin" / "ctvq"), *map(str, args)], capture_output=True,
+                              encoding="utf-8", errors="replace", timeout=600, cwd=tmp_path, env=env)
 
     for name in COMMANDS:
         assert ctvq(name, "--help").returncode == 0, name
