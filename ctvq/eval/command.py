@@ -14,14 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from ctvq.ct.errors import CTInputError
-from ctvq.ct.pipeline import build_sample, window_scan
-from ctvq.ct.sample import SampleFormatError, SparseSample, load_sample
+from ctvq.ct.sample import SampleFormatError
 from ctvq.ct.splits import SPLITS
 from ctvq.ct.volume_file import save_npz_atomic
-from ctvq.ct.windows import Window
 from ctvq.eval.evaluate import run_evaluation
 from ctvq.eval.loading import (
-    DataSettings,
     EvalInputError,
     check_model_settings,
     load_model,
@@ -29,7 +26,7 @@ from ctvq.eval.loading import (
 )
 from ctvq.eval.metrics import DEFAULT_POINTS
 from ctvq.eval.surfaces import no_surface_reason, sparse_surface, write_ply
-from ctvq.eval.tokens import decode_tokens, encode_sample, load_tokens, save_tokens
+from ctvq.eval.tokens import decode_tokens, encode_sample, load_tokens, model_input, save_tokens
 from ctvq.train.checkpoint import CheckpointError
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (EvalInputError, CheckpointError, CTInputError,
@@ -125,25 +122,13 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--case-id", help="case id of a raw scan (default: its file name)")
 
 
-def _input_sample(path: Path, settings: DataSettings, case_id: str | None) -> SparseSample:
-    if path.is_file() and path.suffix.lower() == ".npz":
-        sample = load_sample(path)
-        settings.check_sample(sample.window, sample.window_width, sample.window_level, sample.resolution,
-                              sample.band, str(path))
-        return sample
-    window = Window(settings.window, settings.window_width, settings.window_level)
-    volume = window_scan(path, window, settings.resolution, case_id)
-    return build_sample(volume, band=settings.band, iso_value=settings.iso_value)
-
-
 def run_encode(args: argparse.Namespace) -> int:
     loaded = load_model(args.ckpt, args.device)
     settings = load_settings(args.ckpt, args.config)
     check_model_settings(loaded, settings)
-    sample = _input_sample(args.input, settings, args.case_id)
-    tokens = encode_sample(loaded, sample)
+    tokens = encode_sample(loaded, model_input(settings, args.input, args.case_id))
     save_tokens(tokens, args.output)
-    print(f"ctvq encode: {sample.case_id}: {tokens.num_tokens} tokens (codebook {tokens.num_embeddings}) "
+    print(f"ctvq encode: {tokens.case_id}: {tokens.num_tokens} tokens (codebook {tokens.num_embeddings}) "
           f"-> {args.output}", file=sys.stderr)
     return 0
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ctvq.ct.sample import LATENT_STRIDE, SparseSample
+from ctvq.ct.sample import LATENT_STRIDE, SparseSample, load_sample
 from ctvq.ct.volume_file import load_npz, save_npz_atomic
+from ctvq.ct.windows import Window
 from ctvq.data.collate import collate_sparse
 from ctvq.data.datasets import sample_to_item
-from ctvq.eval.loading import EvalInputError, LoadedModel
+from ctvq.eval.loading import DataSettings, EvalInputError, LoadedModel
 
 TOKEN_FORMAT_VERSION = 1
 _KIND = "ctvq-tokens"
@@ -47,6 +49,15 @@ class Tokens:
     @property
     def num_tokens(self) -> int:
         return int(self.indices.shape[0])
+
+    def dense_indices(self, empty: int = -1) -> np.ndarray:
+        """The code indices as a dense (R/8, R/8, R/8) int32 grid, ``empty`` where the case has no cell (for
+        downstream models that want a fixed-size input)."""
+        grid_size = self.resolution // LATENT_STRIDE
+        grid = np.full((grid_size,) * 3, empty, dtype=np.int32)
+        c = self.latent_coords.astype(np.int64)
+        grid[c[:, 0], c[:, 1], c[:, 2]] = self.indices
+        return grid
 
 
 def save_tokens(tokens: Tokens, path: str | os.PathLike) -> None:
@@ -96,6 +107,25 @@ def load_tokens(path: str | os.PathLike) -> Tokens:
     if np.unique(tokens.latent_coords, axis=0).shape[0] != m:
         raise EvalInputError(f"{path}: the same latent cell holds several tokens: a damaged or edited file")
     return tokens
+
+
+def model_input(settings: DataSettings, source: str | os.PathLike | SparseSample,
+                case_id: str | None = None) -> SparseSample:
+    """The model input of a scan file or DICOM folder (preprocessed with the training ``settings``), of a
+    sample file or of a SparseSample (both checked against them)."""
+    if isinstance(source, SparseSample):
+        sample, what = source, source.case_id
+    elif Path(source).is_file() and Path(source).suffix.lower() == ".npz":
+        sample, what = load_sample(source), str(source)
+    else:
+        from ctvq.ct.pipeline import build_sample, window_scan  # SimpleITK: only for raw scans
+
+        window = Window(settings.window, settings.window_width, settings.window_level)
+        volume = window_scan(source, window, settings.resolution, case_id)
+        return build_sample(volume, band=settings.band, iso_value=settings.iso_value)
+    settings.check_sample(sample.window, sample.window_width, sample.window_level, sample.resolution,
+                          sample.band, what)
+    return sample
 
 
 def sample_batch(sample: SparseSample, device: torch.device | str = "cpu") -> dict:
@@ -163,4 +193,4 @@ def cell_voxels(latent_coords: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["TOKEN_FORMAT_VERSION", "Tokens", "cell_voxels", "decode_tokens", "encode_sample", "load_tokens",
-           "sample_batch", "save_tokens"]
+           "model_input", "sample_batch", "save_tokens"]
