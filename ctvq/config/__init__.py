@@ -8,11 +8,6 @@ from ctvq.config.errors import ConfigError, Problem
 from ctvq.config.loader import ACCEPTED_KEYS, config_from_dict, load_config, resolve_path
 from ctvq.config.rules import config_warnings
 from ctvq.config.schema import (
-    DATASET_NAMES,
-    MODEL_NAMES,
-    OPTIMIZER_NAMES,
-    SCHEDULER_NAMES,
-    TRAINER_NAMES,
     WINDOW_PRESETS,
     CTVQConfig,
     DatasetConfig,
@@ -25,11 +20,6 @@ from ctvq.config.schema import (
 
 __all__ = [
     "ACCEPTED_KEYS",
-    "DATASET_NAMES",
-    "MODEL_NAMES",
-    "OPTIMIZER_NAMES",
-    "SCHEDULER_NAMES",
-    "TRAINER_NAMES",
     "WINDOW_PRESETS",
     "CTVQConfig",
     "ConfigError",

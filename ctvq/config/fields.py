@@ -191,7 +191,6 @@ def parse_fields(
     *,
     stage: int | None,
     name: str | None = None,
-    skip: Iterable[str] = (),
 ) -> tuple[dict[str, Any], set[str]]:
     """Check the keys of ``raw`` that are fields of ``cls`` and fill defaults.
 
@@ -202,9 +201,9 @@ def parse_fields(
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     unresolved: set[str] = set()
-    skipped = {"name", *skip}  # the component name is read by the caller, from the wrapper
     for f in dataclasses.fields(cls):
-        if f.name in skipped or f.metadata.get("nested"):
+        # the component name is read by the caller, from the wrapper
+        if f.name == "name" or f.metadata.get("nested"):
             continue
         key_path = f"{path}.{f.name}"
         by_name = f.metadata.get("by_name")

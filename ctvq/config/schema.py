@@ -29,13 +29,6 @@ from ctvq.config.fields import (
 )
 from ctvq.ct.windows import CUSTOM, WINDOWS
 
-MODEL_NAMES = ("SparseSDFVQVAE",)
-DATASET_NAMES = ("CTWindowSparseSDF", "SparseSDF")
-TRAINER_NAMES = ("VQVAETrainer",)
-OPTIMIZER_NAMES = ("AdamW", "Adam", "SGD")
-SCHEDULER_NAMES = ("CosineAnnealingLR", "ExponentialLR", "StepLR")
-GRAD_CLIPPER_NAMES = ("AdaptiveGradClipper",)
-
 WINDOW_PRESETS: MappingProxyType[str, tuple[float, float]] = MappingProxyType(
     {name: (w.width, w.level) for name, w in WINDOWS.items()}
 )

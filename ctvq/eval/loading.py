@@ -15,7 +15,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -168,10 +167,5 @@ def check_model_settings(loaded: LoadedModel, settings: DataSettings) -> None:
         )
 
 
-def describe(loaded: LoadedModel) -> dict[str, Any]:
-    return {"checkpoint": str(loaded.path), "stage": loaded.stage, "step": loaded.step,
-            "num_embeddings": loaded.num_embeddings, "resolution": loaded.data_resolution}
-
-
-__all__ = ["DataSettings", "EvalInputError", "LoadedModel", "check_model_settings", "describe",
+__all__ = ["DataSettings", "EvalInputError", "LoadedModel", "check_model_settings",
            "load_model", "load_settings", "run_config_path"]
