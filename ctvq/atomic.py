@@ -95,12 +95,17 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
         owner_host, _, pid = owner.rpartition("-")
         if owner_host != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
-        if item.is_dir() and not item.is_symlink():
-            shutil.rmtree(item, ignore_errors=True)
-        else:
-            item.unlink(missing_ok=True)
+        remove_temporary(item)
         removed.append(item)
     return removed
+
+
+def remove_temporary(item: Path) -> None:
+    """Delete one temporary file or folder (a folder's contents too; a link, not what it points to)."""
+    if item.is_dir() and not item.is_symlink():
+        shutil.rmtree(item, ignore_errors=True)
+    else:
+        item.unlink(missing_ok=True)
 
 
 def _check_parents(target: Path) -> None:
@@ -214,5 +219,6 @@ __all__ = [
     "file_system_error",
     "incomplete_write_error",
     "remove_stale_temporaries",
+    "remove_temporary",
     "translated_os_errors",
 ]

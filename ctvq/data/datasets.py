@@ -283,7 +283,6 @@ class _SparseDataset(Dataset):
         built: dict[Path, SparseSample] = {}
         records = self._index_source(built)
         _check_no_duplicates(records, self.source)
-        self._check_made_as_configured([r for r in records if self._filter_reason(r) is None])
         self.records: list[CaseRecord] = []
         for record in records:
             reason = self._filter_reason(record)
@@ -292,6 +291,7 @@ class _SparseDataset(Dataset):
             else:
                 self.filtered.append((record.case_id, reason))
                 logger.info("filtered case %s (%s): %s", record.case_id, record.path, reason)
+        self._check_made_as_configured(self.records)
         if not self.records:
             raise DatasetError(
                 f"{self.source}: no usable case left ({len(self.filtered)} filtered: "

@@ -14,7 +14,6 @@ Model and EMA files use Direct3D-S2's wrapper ``{'vae': state_dict, 'config': {'
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctvq.atomic import atomic_output, file_system_error
+from ctvq.atomic import atomic_output, file_system_error, remove_temporary
 from ctvq.models.pretrained import LoadReport, PretrainedWeightsError, load_pretrained, load_torch_file
 
 NAME = "vqvae"
@@ -71,10 +70,7 @@ def remove_stale_temp(ckpt_dir: Path) -> list[Path]:
     """Delete temporary files left by a write that was killed (they are never read)."""
     stale = sorted(ckpt_dir.glob(".*.tmp")) if ckpt_dir.is_dir() else []
     for path in stale:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        remove_temporary(path)
     return stale
 
 
