@@ -99,7 +99,7 @@ def _cleaning_seconds(scan: Path, window: str, resolution: int) -> dict[str, flo
     del foreign
     t0 = time.perf_counter()
     box = extent_box(scan_extent(ct, affine), resolution) if settings.pad == "edge" else (slice(None),) * 3
-    surface_volume(values[box], 0.5, island_voxels(settings.min_island_mm3, step))
+    surface_volume(values, 0.5, island_voxels(settings.min_island_mm3, step), box)
     out["islands"] = time.perf_counter() - t0
     out["total"] = sum(out.values())
     return out
@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", nargs="+", default=["lung", "bone"])
     parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 200))
     parser.add_argument("--spacing", type=float, nargs=3, default=(0.7, 0.7, 1.5))
-    parser.add_argument("--band", type=float, default=3.0)
+    parser.add_argument("--band", type=float, default=None,
+                        help="SDF band half-width in voxels (default: each window's ctvq default)")
     parser.add_argument("--samples", type=int, default=20000, help="voxels for the accuracy check")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="leave out 'reference' where its full-grid EDT cannot fit (~65 GiB at 1024)")
@@ -235,12 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from ctvq.atomic import atomic_output
+    from ctvq.ct.band import default_band
     from ctvq.ct.io import write_ct
     from ctvq.ct.phantom import chest_phantom
 
     results: dict[str, Any] = {
         "benchmark": "preprocess", "resolution": args.resolution, "phantom_shape": list(args.shape),
-        "phantom_spacing_mm": list(args.spacing), "band_vox": args.band, "python": platform.python_version(),
+        "phantom_spacing_mm": list(args.spacing), "band_vox": args.band or "per window",
+        "python": platform.python_version(),
         "machine": platform.machine(), "cpus": os.cpu_count(),
         "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "command": " ".join([sys.executable, *sys.argv]), "windows": {}}
@@ -253,10 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             write_ct(chest_phantom(tuple(args.shape), tuple(args.spacing), seed=args.seed), scan)
         for window in args.windows:
-            entry: dict[str, Any] = {}
+            band = args.band if args.band is not None else default_band(window)
+            entry: dict[str, Any] = {"band_vox": band}
             for method in args.methods:
                 cmd = [sys.executable, __file__, "--child", method, "--scan", str(scan), "--window", window,
-                       "--workdir", str(work), "--resolution", str(args.resolution), "--band", str(args.band)]
+                       "--workdir", str(work), "--resolution", str(args.resolution), "--band", str(band)]
                 done = subprocess.run(cmd, check=True, capture_output=True, text=True)
                 entry[method] = json.loads(done.stdout.strip().splitlines()[-1])
                 print(f"{window} {method}: {entry[method]['total_seconds']:.1f} s "
@@ -277,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{entry['speedup_sdf_step']:.1f}x", flush=True)
             entry["accuracy"] = _accuracy(work / f"{window}_windowed.npz",
                                           {m: Path(entry[m].pop("sample")) for m in args.methods},
-                                          args.band, args.samples, args.seed)
+                                          band, args.samples, args.seed)
             print(f"{window}: accuracy {json.dumps(entry['accuracy'])}", flush=True)
             results["windows"][window] = entry
     with atomic_output(args.out) as tmp_out:

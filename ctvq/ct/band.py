@@ -18,7 +18,7 @@ import numpy as np
 from ctvq.ct.errors import CTInputError
 from ctvq.ct.sample import CELL_VOXELS, LATENT_STRIDE
 from ctvq.ct.sdf import narrow_band_sdf
-from ctvq.ct.surface import RAW, SurfaceSettings, island_voxels, remove_islands
+from ctvq.ct.surface import RAW, SurfaceSettings, island_flips, island_voxels
 from ctvq.ct.volume_file import (
     SURFACE_KEYS,
     WindowedVolume,
@@ -70,15 +70,19 @@ class BandField:
     holes_filled: int = 0
 
 
-def surface_volume(values: np.ndarray, iso_value: float, min_voxels: int) -> tuple[np.ndarray, int, int]:
-    """``values`` with inside islands and holes below ``min_voxels`` pushed to the other side of the iso
-    value (0 or 1, the window's ends: no crossing is left at them); a copy only when something changes."""
-    inside = np.greater(values, iso_value)
-    cleaned, removed, filled = remove_islands(inside, min_voxels)
-    if removed == 0 and filled == 0:
+def surface_volume(values: np.ndarray, iso_value: float, min_voxels: int,
+                   box: tuple[slice, slice, slice] = (slice(None),) * 3) -> tuple[np.ndarray, int, int]:
+    """``values`` with inside islands and holes below ``min_voxels``, looked for within ``box``, pushed to
+    the other side of the iso value (0 or 1, the window's ends: no crossing is left at them); a copy only
+    when something changes."""
+    inside = np.greater(values[box], iso_value)
+    where, flips, removed, filled = island_flips(inside, min_voxels)
+    if flips is None:
         return values, 0, 0
     out = values.copy(order="K")
-    np.copyto(out, cleaned.astype(np.float32), where=inside != cleaned)  # flipped voxels: 0 or 1
+    part, inside = out[box][where], inside[where]
+    np.copyto(part, np.float32(0.0), where=flips & inside)
+    np.copyto(part, np.float32(1.0), where=flips & ~inside)
     return out, removed, filled
 
 
@@ -117,13 +121,8 @@ def band_and_inside(volume: WindowedVolume, band: float = 3.0, iso_value: float 
     edge = volume.surface.pad == "edge"
     # islands are looked for inside the scan only: beyond it an edge-padded cube just repeats the border
     box = extent_box(volume.scan_extent, res) if edge else (slice(None),) * 3
-    part, removed, filled = surface_volume(volume.values[box], iso_value,
-                                           island_voxels(volume.surface.min_island_mm3, step))
-    values = volume.values
-    if removed or filled:
-        values = volume.values.copy(order="K")
-        values[box] = part
-    del part
+    values, removed, filled = surface_volume(volume.values, iso_value,
+                                             island_voxels(volume.surface.min_island_mm3, step), box)
     try:
         voxels, distance = narrow_band_sdf(values, iso_value, band)
     except CTInputError as exc:

@@ -103,19 +103,38 @@ def smooth_hu(hu: np.ndarray, spacing: tuple[float, float, float], sigma_mm: flo
     return ndimage.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma, truncate=3.0, mode="nearest")
 
 
-def remove_islands(inside: np.ndarray, min_voxels: int) -> tuple[np.ndarray, int, int]:
-    """(cleaned inside mask, inside islands removed, holes filled): face-connected components of either
-    side smaller than ``min_voxels`` take the other side's label. The outside component touching the grid
-    border is never a hole, however small. Works on the bounding box of the inside voxels only.
+def island_flips(inside: np.ndarray, min_voxels: int
+                 ) -> tuple[tuple[slice, slice, slice], np.ndarray | None, int, int]:
+    """Where island removal changes ``inside``: (box, flips within the box or None, inside islands removed,
+    holes filled). Face-connected components of either side smaller than ``min_voxels`` take the other
+    side's label; the outside component touching the border of the inside voxels' bounding box (the box
+    looked in) is never a hole, however small.
+
+    Both sides are labelled in one cc3d pass (a two-valued image: components never cross a value change);
+    sizes are one bincount and every small component is found through one lookup, so the cost does not grow
+    with their number (bone at 512³ has thousands): about 1 s for an 80 M voxel box, against 2.9 s for a
+    pass per side that cleared each component on its own.
     """
-    out = inside.copy(order="K")  # keep the layout: a transposing copy costs more than the labelling
-    if min_voxels <= 1 or not out.any():
-        return out, 0, 0
-    lo, hi = _box(out)
+    import cc3d
+    whole = (slice(None),) * 3
+    if min_voxels <= 1 or not inside.any():
+        return whole, None, 0, 0  # type: ignore[return-value]
+    lo, hi = _box(inside)
     box = tuple(slice(a, b + 1) for a, b in zip(lo, hi, strict=True))
-    removed = _flip_small(out[box], min_voxels, True)
-    filled = _flip_small(out[box], min_voxels, False)
-    return out, removed, filled
+    sides = inside[box].view(np.uint8) + np.uint8(1)  # 1 outside, 2 inside (cc3d leaves 0 unlabelled)
+    labels, count = cc3d.connected_components(sides, connectivity=6, return_N=True)
+    is_inside = np.zeros(count + 1, dtype=bool)
+    is_inside[labels[sides == 2]] = True
+    del sides
+    small = np.bincount(labels.ravel(order="K"), minlength=count + 1) < min_voxels
+    small[0] = False
+    for face in (labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]):
+        border = np.unique(face)
+        small[border[~is_inside[border]]] = False  # open to the outside air: not a hole
+    removed, filled = int((small & is_inside).sum()), int((small & ~is_inside).sum())
+    if not (removed or filled):
+        return box, None, 0, 0  # type: ignore[return-value]
+    return box, small[labels], removed, filled  # type: ignore[return-value]
 
 
 def _box(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -125,31 +144,6 @@ def _box(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         los.append(int(hit[0]))
         his.append(int(hit[-1]))
     return tuple(los), tuple(his)  # type: ignore[return-value]
-
-
-def _flip_small(mask: np.ndarray, min_voxels: int, value: bool) -> int:
-    """Flip (in place) the components of ``mask == value`` below ``min_voxels``; return how many.
-
-    cc3d labels and measures in C (about 10x faster than scipy.ndimage.label + bincount at 512³); the small
-    components are then cleared inside their own bounding boxes, never with a full-grid pass.
-    """
-    import cc3d
-    target = mask if value else ~mask
-    labels, count = cc3d.connected_components(target, connectivity=6, return_N=True)
-    if count == 0:
-        return 0
-    stats = cc3d.statistics(labels)
-    sizes, boxes = stats["voxel_counts"], stats["bounding_boxes"]
-    small = np.flatnonzero(sizes < min_voxels)
-    flipped = 0
-    for label in small[small > 0]:
-        box = boxes[label]
-        if not value and any(s.start == 0 or s.stop == n for s, n in zip(box, mask.shape, strict=True)):
-            continue  # touches the box's border: open to the outside air, not a hole
-        part = mask[box]
-        part[labels[box] == label] = not value
-        flipped += 1
-    return flipped
 
 
 def foreign_objects(hu_cube: np.ndarray, step_mm: float, extent: np.ndarray | None = None) -> np.ndarray:
@@ -177,13 +171,14 @@ def foreign_objects(hu_cube: np.ndarray, step_mm: float, extent: np.ndarray | No
     coarse = _foreign_coarse(view, step_mm * stride)
     if coarse is None:
         return np.zeros(hu_cube.shape, dtype=bool, order="F" if _fortran(hu_cube) else "C")
-    # one gather maps every cube voxel to its coarse cell; clipping the index repeats the edge beyond the
-    # scan, as the edge-padded cube does
-    index = [np.clip((np.arange(n) - a) // stride, 0, c - 1) for n, a, c in zip(shape, lo, coarse.shape,
-                                                                                 strict=True)]
+    # every cube voxel takes its coarse cell's value: the cell index along each axis is monotone, so this is
+    # one repeat per axis (4x faster than one fancy-index gather at 512³); clipping the index repeats the
+    # edge beyond the scan, as the edge-padded cube does
+    repeats = [np.bincount(np.clip((np.arange(n) - a) // stride, 0, c - 1), minlength=c)
+               for n, a, c in zip(shape, lo, coarse.shape, strict=True)]
     if _fortran(hu_cube):
-        return coarse.T[np.ix_(index[2], index[1], index[0])].T
-    return coarse[np.ix_(*index)]
+        return np.repeat(np.repeat(np.repeat(coarse.T, repeats[2], 0), repeats[1], 1), repeats[0], 2).T
+    return np.repeat(np.repeat(np.repeat(coarse, repeats[0], 0), repeats[1], 1), repeats[2], 2)
 
 
 def _fortran(a: np.ndarray) -> bool:
