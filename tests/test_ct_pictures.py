@@ -53,6 +53,22 @@ def test_sdf_nifti_is_the_band_with_signs_beyond_it(small_scan: Path, tmp_path: 
     assert np.mean((dense[beyond] < 0) == inside[beyond]) > 0.99
 
 
+def test_a_failed_case_gets_a_picture_naming_the_failure(small_scan: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    cut = tmp_path / "cut.nii.gz"
+    whole = small_scan.read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    w, png = tmp_path / "w.npz", tmp_path / "w.png"
+    assert main(["window", str(cut), "-o", str(w), "--window", "bone", "--resolution", "64",
+                 "--preview", str(png), "--record-failure"]) == 0
+    assert "failed: window:" in capsys.readouterr().err
+    assert imread(png).shape[:2] == (round(FIGURE_INCHES[1] * DPI), round(FIGURE_INCHES[0] * DPI))
+    wrong = tmp_path / "w.jpg"  # a usage error stays an error, never a recorded case failure
+    assert main(["window", str(cut), "-o", str(w), "--window", "bone", "--resolution", "64",
+                 "--preview", str(wrong), "--record-failure"]) == 2
+    assert "--preview" in capsys.readouterr().err and not wrong.exists()
+
+
 @pytest.mark.parametrize(("argv", "flag"), [
     (["--preview", "p.jpg"], "--preview"), (["--nifti", "v.nrrd"], "--nifti")])
 def test_wrong_picture_name_is_refused_before_any_work(small_scan: Path, tmp_path: Path, argv: list[str],

@@ -197,6 +197,9 @@ def test_truncated_scan_in_scan_dir_is_a_failed_case_while_the_others_train(tmp_
     assert status["phantom00"] == status["phantom01"] == "ok"
     assert status["site1_cut"].startswith("failed: window: ") and "truncated" in status["site1_cut"]
     assert (tmp_path / "results" / "train" / "lung" / "stage2" / "ckpts" / "final.pt").exists()
+    previews = tmp_path / "results" / "previews" / "lung"  # one per case and window, the failed one included
+    assert sorted(p.name for p in previews.iterdir()) == ["phantom00.png", "phantom01.png", "site1_cut.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in previews.iterdir())
 
 
 def _slurm_available() -> str | None:

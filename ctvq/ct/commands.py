@@ -107,7 +107,8 @@ def write_window_pictures(volume: WindowedVolume, preview: Path | None, nifti: P
         save_window_preview(volume.values, volume.affine, preview,
                             f"{volume.case_id}  {w.name} W={w.width:g} L={w.level:g}  {volume.resolution}^3 "
                             f"at {volume_step(volume):.3g} mm  surface: "
-                            f"{volume.surface.describe()}")
+                            f"{volume.surface.describe()}  (yellow: iso {DEFAULT_ISO:g})",
+                            iso_value=DEFAULT_ISO)
         clock.log(f"wrote {preview}")
     if nifti is not None:
         from ctvq.ct.nifti import write_cube_nifti
@@ -185,7 +186,8 @@ def configure_window(p: argparse.ArgumentParser) -> None:
                         "(default: edge)")
     p.add_argument("--preview", type=Path, metavar="PNG",
                    help="also write a picture: axial, coronal and sagittal slices through the cube's centre "
-                        "(radiological orientation, mm axes)")
+                        "(radiological orientation, mm axes), the iso level in yellow; with --record-failure "
+                        "a failed case gets a picture naming the failure")
     p.add_argument("--nifti", type=Path, metavar="NII_GZ",
                    help="also write the windowed cube as NIfTI (.nii.gz) with its patient geometry, to open "
                         "in 3D Slicer over the scan")
@@ -220,9 +222,11 @@ def _passed_on(args: argparse.Namespace, step: str) -> bool:
 
 
 @contextmanager
-def _failures_recorded(args: argparse.Namespace, step: str, case_id: str, window: str = "") -> Iterator[None]:
-    """With ``--record-failure`` a CTInputError raised inside becomes a failure record at ``args.output``;
-    without it the error goes on (exit status 2)."""
+def _failures_recorded(args: argparse.Namespace, step: str, case_id: str, window: str = "",
+                       picture: Path | None = None) -> Iterator[None]:
+    """With ``--record-failure`` a CTInputError raised inside becomes a failure record at ``args.output``
+    (and, given a ``picture`` path, a picture saying so in place of the preview); without it the error
+    goes on (exit status 2)."""
     if not args.record_failure:
         yield
         return
@@ -233,6 +237,10 @@ def _failures_recorded(args: argparse.Namespace, step: str, case_id: str, window
         write_failure(failure, args.output)
         print(f"ctvq {step}: {case_id}: {failure.status}; recorded in {args.output}", file=sys.stderr,
               flush=True)
+        if picture is not None:
+            from ctvq.ct.preview import save_failure_preview  # matplotlib: only when a picture is asked for
+
+            save_failure_preview(picture, case_id, f"{window} {failure.status}".strip())
 
 
 def configure_sdf(p: argparse.ArgumentParser) -> None:
@@ -333,7 +341,8 @@ def _not_the_input(a: argparse.Namespace) -> None:
 def window_command(a: argparse.Namespace) -> int:
     _not_the_input(a)
     surface = surface_settings(a.window, a.smooth_mm, a.min_island_mm3, a.body_mask, a.pad, cli=True)
-    with _failures_recorded(a, "window", a.case_id or default_case_id(a.input), a.window):
+    check_picture_paths(a.preview, a.nifti)  # a usage error, never recorded as the case's failure
+    with _failures_recorded(a, "window", a.case_id or default_case_id(a.input), a.window, a.preview):
         run_window(a.input, a.output, a.window, a.width, a.level, a.resolution, a.case_id, surface=surface,
                    preview=a.preview, nifti=a.nifti, series_uid=a.series_uid)
     return 0

@@ -9,6 +9,7 @@ makes, and off by the residual rotation of an oblique scan (the affine says by h
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,18 +100,34 @@ def _draw(ax, view: View) -> None:  # noqa: ANN001 (a matplotlib Axes)
 
 
 def save_window_preview(values: np.ndarray, affine: np.ndarray, path: str | os.PathLike, title: str = "",
-                        centre: np.ndarray | None = None) -> None:
+                        centre: np.ndarray | None = None, iso_value: float | None = None) -> None:
     """Axial, coronal and sagittal slices of a windowed cube (values in [0, 1]) through ``centre`` (cube
-    indices; default the cube's centre), as a PNG of ``FIGURE_INCHES * DPI`` pixels."""
+    indices; default the cube's centre), as a PNG of ``FIGURE_INCHES * DPI`` pixels; ``iso_value`` draws
+    the window's iso level (the surface ``ctvq sdf`` will find, before island removal) in yellow."""
     res = values.shape[0]
     centre = np.full(3, res // 2) if centre is None else np.asarray(centre, dtype=int)
     fig, axes = _figure()
     axis_of, _ = patient_axes(affine)
     for ax, name in zip(axes, VIEWS, strict=True):
         k = int(np.flatnonzero(axis_of == VIEWS[name][0])[0])
-        _draw(ax, orient(values, affine, name, int(centre[k])))
+        view = orient(values, affine, name, int(centre[k]))
+        _draw(ax, view)
+        if iso_value is not None and view.image.min() < iso_value < view.image.max():
+            ax.contour(view.image, levels=[iso_value], colors="yellow", linewidths=0.6, origin="upper",
+                       extent=view.extent)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+def save_failure_preview(path: str | os.PathLike, case_id: str, status: str) -> None:
+    """A picture that says the case failed and why, in place of its preview: a gallery of previews then
+    shows every case, the failed ones among them."""
+    fig = Figure(figsize=FIGURE_INCHES)
+    FigureCanvasAgg(fig)
+    fig.text(0.5, 0.6, case_id, ha="center", va="center", fontsize=14)
+    fig.text(0.5, 0.4, textwrap.fill(status, 110), ha="center", va="center", fontsize=9, color="firebrick")
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
 
 
 def dense_sdf(sample: SparseSample) -> np.ndarray:

@@ -1,4 +1,5 @@
-# Preprocessing, per case and window: window -> sdf -> index; then one manifest per window.
+# Preprocessing, per case and window: window (and its preview picture) -> sdf -> index; then one manifest per
+# window.
 # --record-failure: an unusable scan leaves a failure record instead of a sample, passed on by sdf and index,
 # and the manifest lists the case as `failed: <reason>`; the window's other cases still train.
 
@@ -18,7 +19,8 @@ rule window:
     input:
         lambda wc: CASES[wc.case],
     output:
-        f"{RESULTS}/windowed/{{window}}/{{case}}.npz",
+        windowed=f"{RESULTS}/windowed/{{window}}/{{case}}.npz",
+        preview=f"{RESULTS}/previews/{{window}}/{{case}}.png",
     log:
         "logs/window/{window}/{case}.log",
     params:
@@ -29,13 +31,14 @@ rule window:
     resources:
         mem_mb=preprocess_mem_mb("window", config["resolution"]),
     shell:
-        "{params.ctvq} window {input} -o {output} --window {wildcards.window} --resolution {params.resolution}"
-        " --case-id {wildcards.case} {params.surface} {params.series} --record-failure > {log} 2>&1"
+        "{params.ctvq} window {input} -o {output.windowed} --preview {output.preview} --window {wildcards.window}"
+        " --resolution {params.resolution} --case-id {wildcards.case} {params.surface} {params.series}"
+        " --record-failure > {log} 2>&1"
 
 
 rule sdf:
     input:
-        rules.window.output,
+        rules.window.output.windowed,
     output:
         f"{RESULTS}/sdf/{{window}}/{{case}}.npz",
     log:
