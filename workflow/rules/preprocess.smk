@@ -1,7 +1,13 @@
 # Preprocessing, per case and window: window (and its preview picture) -> sdf -> index; then one manifest per
-# window.
+# window. The per-case steps share the group "case": on a cluster, one case's chain is one job, and
+# `--group-components case=N` (the SLURM profiles) packs N chains into one job instead of 3 N jobs of seconds.
+# The manifest only reads sample headers: it runs on the submitting node.
 # --record-failure: an unusable scan leaves a failure record instead of a sample, passed on by sdf and index,
 # and the manifest lists the case as `failed: <reason>`; the window's other cases still train.
+
+
+localrules:
+    manifest,
 
 
 rule phantom:
@@ -11,6 +17,8 @@ rule phantom:
         "logs/phantom/phantom{seed}.log",
     params:
         ctvq=CTVQ,
+    group:
+        "case"
     shell:
         "{params.ctvq} phantom -o {output} --seed {wildcards.seed} > {log} 2>&1"
 
@@ -30,6 +38,8 @@ rule window:
         series=lambda wc: f"--series {SERIES[wc.case]}" if wc.case in SERIES else "",
     resources:
         mem_mb=preprocess_mem_mb("window", config["resolution"]),
+    group:
+        "case"
     shell:
         "{params.ctvq} window {input} -o {output.windowed} --preview {output.preview} --window {wildcards.window}"
         " --resolution {params.resolution} --case-id {wildcards.case} {params.surface} {params.series}"
@@ -48,6 +58,8 @@ rule sdf:
         band=band_of,
     resources:
         mem_mb=preprocess_mem_mb("sdf", config["resolution"]),
+    group:
+        "case"
     shell:
         "{params.ctvq} sdf {input} -o {output} --band {params.band} --record-failure > {log} 2>&1"
 
@@ -63,6 +75,8 @@ rule index:
         ctvq=CTVQ,
     resources:
         mem_mb=preprocess_mem_mb("index", config["resolution"]),
+    group:
+        "case"
     shell:
         "{params.ctvq} index {input} -o {output} --record-failure > {log} 2>&1"
 
