@@ -10,6 +10,7 @@ from matplotlib.image import imread
 from ctvq.cli import main
 from ctvq.ct.band import load_band
 from ctvq.ct.preview import DPI, FIGURE_INCHES, orient
+from ctvq.ct.sample import load_figure_planes, load_sample
 from ctvq.ct.volume_file import load_windowed
 
 
@@ -51,6 +52,21 @@ def test_sdf_nifti_is_the_band_with_signs_beyond_it(small_scan: Path, tmp_path: 
     assert set(np.unique(dense[beyond])) <= {-1.0, 1.0}
     inside = volume.values > field.iso_value  # bone at 64^3: few islands; nearly all signs agree
     assert np.mean((dense[beyond] < 0) == inside[beyond]) > 0.99
+
+
+def test_the_sample_carries_the_ct_its_figures_are_drawn_over(small_scan: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    w, b, s = tmp_path / "w.npz", tmp_path / "b.npz", tmp_path / "s.npz"
+    assert main(["window", str(small_scan), "-o", str(w), "--window", "bone", "--resolution", "64"]) == 0
+    assert main(["sdf", str(w), "-o", str(b)]) == 0
+    assert main(["index", str(b), "-o", str(s)]) == 0
+    capsys.readouterr()
+    planes, sample, cube = load_figure_planes(s), load_sample(s), load_windowed(w).values
+    assert planes is not None and sample.figure_planes is None  # training never reads them
+    np.testing.assert_array_equal(planes.centre, np.round(sample.coords.mean(axis=0)))
+    for axis in range(3):  # 8-bit planes of the windowed cube through the band's centre
+        np.testing.assert_allclose(planes.plane(axis), np.take(cube, planes.centre[axis], axis=axis),
+                                   atol=0.5 / 255 + 1e-6)
 
 
 def test_a_failed_case_gets_a_picture_naming_the_failure(small_scan: Path, tmp_path: Path,

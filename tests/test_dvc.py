@@ -95,7 +95,7 @@ def test_repro_noop_push_pull_round_trip_and_param_rerun(repo: Path, tmp_path: P
     _run(repo, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
     _run(repo, "dvc", "push")
     before = _digests(repo / "results")
-    for out in ("raw", "windowed", "sdf", "samples", "manifests", "train", "eval"):
+    for out in ("raw", "previews", "samples", "manifests", "train", "eval"):
         shutil.rmtree(repo / "results" / out)
     shutil.rmtree(repo / ".dvc" / "cache")
     _run(repo, "git", "checkout", "--", "results")  # what a fresh clone has: the git-tracked files

@@ -140,3 +140,12 @@ def test_voxel_edge_is_the_column_norm():
     affine = np.eye(4)
     affine[:3, :3] = rot
     assert voxel_edge_mm(affine) == pytest.approx(0.5)
+
+
+def test_offset_iou_is_the_iou_of_the_surface_moved_by_the_offset() -> None:
+    from ctvq.eval.metrics import offset_iou
+
+    slab = np.array([1.5, 0.5, -0.5, -1.5, -0.5, 0.5, 1.5])  # 3 voxels inside, distances in voxels
+    assert offset_iou(slab, 0.6) == pytest.approx(3 / 5)  # grows by one voxel on each side
+    assert offset_iou(slab, -0.6) == pytest.approx(1 / 3)  # shrinks to the middle voxel
+    assert offset_iou(slab, 0.1) == 1.0

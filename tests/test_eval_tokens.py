@@ -8,6 +8,7 @@ would exit 3 for it (see test_eval_collapse.py), so these tests of the plumbing 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ import torch
 from data_helpers import sample_from_distance, spheres_distance, write_manifest
 
 from ctvq.cli import main
-from ctvq.ct.sample import load_sample, save_sample
+from ctvq.ct.sample import FigurePlanes, load_sample, save_sample
 from ctvq.ct.splits import SplitRule
+from ctvq.eval.evaluate import figure_planes_for
 from ctvq.eval.loading import EvalInputError, load_model
 from ctvq.eval.tokens import decode_tokens, encode_sample, load_tokens, sample_batch, save_tokens
 from ctvq.models.vqvae import SparseSDFVQVAE
@@ -56,6 +58,10 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, radius in enumerate((9.0, 11.0)):
         dist = spheres_distance(64, [(30.5 + i, 32.2, 31.7, radius)])
         sample = sample_from_distance(dist, case_id=f"sphere{i}", affine=affine)
+        if i == 0:  # as `ctvq index` writes them: the CT its figure is drawn over (sphere1: none)
+            ct = np.clip(0.5 - dist / 8.0, 0.0, 1.0).astype(np.float32)
+            centre = np.round(sample.coords.mean(axis=0)).astype(np.int64)
+            sample = replace(sample, figure_planes=FigurePlanes.of(ct, centre))
         save_sample(sample, folder / f"sphere{i}.npz")
     bone = sample_from_distance(spheres_distance(64, [(32, 32, 32, 9.0)]), case_id="bone", window="bone")
     save_sample(bone, folder.parent / "bone.npz")
@@ -116,6 +122,10 @@ def test_eval_writes_flat_metrics_cases_figures_meshes_and_curves(run_dir, sampl
         assert (out / name).stat().st_size > 0
     curves = (out / "training_curves.csv").read_text().splitlines()
     assert curves[0] == "step,loss,recon_loss,usage,perplexity" and len(curves) == 3
+    # the figure's CT comes from the sample itself: no windowed volume is needed
+    with_planes = figure_planes_for(samples / "sphere0.npz", load_sample(samples / "sphere0.npz"), None)
+    assert with_planes is not None and with_planes.planes.shape == (3, 64, 64)
+    assert figure_planes_for(samples / "sphere1.npz", load_sample(samples / "sphere1.npz"), None) is None
 
 
 def test_sample_of_another_window_is_refused_with_exit_2(run_dir, samples, tmp_path, capsys):

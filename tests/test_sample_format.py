@@ -7,12 +7,15 @@ import pytest
 
 from ctvq.ct.sample import (
     FORMAT_VERSION,
+    SDF_STEPS,
     SampleFormatError,
     SparseSample,
     decoder_targets,
     load_sample,
+    on_sdf_steps,
     save_sample,
 )
+from ctvq.data.datasets import peek_sample
 
 
 def _two_cell_sample() -> SparseSample:
@@ -34,8 +37,29 @@ def test_save_then_load_returns_identical_arrays(tmp_path: Path) -> None:
     sample = _two_cell_sample()
     save_sample(sample, tmp_path / "c0.npz")
     back = load_sample(tmp_path / "c0.npz")
-    for name in ("coords", "sdf", "latent_coords", "cell_start", "inside_bits", "affine"):
+    for name in ("coords", "latent_coords", "cell_start", "inside_bits", "affine"):
         np.testing.assert_array_equal(getattr(back, name), getattr(sample, name))
+    assert back.coords.dtype == np.int16
+    # the sdf is stored in SDF_STEPS steps per band: 1.5e-5 of the band at most, and a second round trip
+    # changes nothing
+    np.testing.assert_allclose(back.sdf, sample.sdf, rtol=0, atol=0.5 / SDF_STEPS + 1e-9)
+    save_sample(back, tmp_path / "again.npz")
+    np.testing.assert_array_equal(load_sample(tmp_path / "again.npz").sdf, back.sdf)
+    tiny = np.array([-1e-7, 1e-7, 0.0, -1.0, 1.0], dtype=np.float32)  # the sign survives any rounding
+    np.testing.assert_array_equal(np.sign(on_sdf_steps(tiny)), np.sign(tiny))
+
+
+def test_version_3_sample_with_full_coordinates_still_loads(tmp_path: Path) -> None:
+    sample = _two_cell_sample()
+    save_sample(sample, tmp_path / "c0.npz")
+    with np.load(tmp_path / "c0.npz") as data:
+        payload = {k: data[k] for k in data if k not in ("local_index", "sdf_steps")}
+    payload.update(format_version=np.asarray(3), coords=sample.coords, sdf=sample.sdf)
+    np.savez_compressed(tmp_path / "v3.npz", **payload)
+    back = load_sample(tmp_path / "v3.npz")
+    np.testing.assert_array_equal(back.coords, sample.coords)
+    np.testing.assert_array_equal(back.sdf, sample.sdf)
+    assert peek_sample(tmp_path / "v3.npz").num_points == peek_sample(tmp_path / "c0.npz").num_points == 3
     assert (back.case_id, back.window, back.resolution, back.band) == ("c0", "lung", 16, 3.0)
 
 

@@ -34,11 +34,14 @@ def test_cli_chain_carries_the_window_settings_into_sample_and_manifest(
 
 
 def _as_version_2(path: Path) -> None:
-    """Rewrite a sample as version 2 wrote it: no surface settings, no scan extent."""
+    """Rewrite a sample as version 2 wrote it: full coordinates and float32 sdf, no surface settings, no
+    scan extent."""
+    sample = load_sample(path)
     with np.load(path) as data:
         payload = {k: data[k] for k in data if k not in
-                   ("smooth_mm", "min_island_mm3", "body_mask", "pad", "scan_extent")}
-    payload["format_version"] = np.asarray(2)
+                   ("smooth_mm", "min_island_mm3", "body_mask", "pad", "scan_extent", "local_index",
+                    "sdf_steps")}
+    payload.update(format_version=np.asarray(2), coords=sample.coords, sdf=sample.sdf)
     np.savez_compressed(path, **payload)
 
 
@@ -59,5 +62,7 @@ def test_version_2_sample_loads_with_raw_settings_and_unknown_extent(tmp_path: P
 def test_saved_sample_is_the_current_version(tmp_path: Path) -> None:
     save_sample(sphere_sample("new", resolution=32), tmp_path / "new.npz")
     with np.load(tmp_path / "new.npz") as data:
-        assert int(data["format_version"]) == FORMAT_VERSION == 3
+        assert int(data["format_version"]) == FORMAT_VERSION == 4
         assert data["scan_extent"].shape == (2, 3) and str(data["pad"]) == "air"
+        assert data["local_index"].dtype == np.uint16 and data["sdf_steps"].dtype == np.int16
+        assert "coords" not in data and "sdf" not in data

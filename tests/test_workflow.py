@@ -89,7 +89,7 @@ def test_preprocessing_jobs_request_memory_for_their_resolution(tmp_path: Path) 
     run = _snakemake(tmp_path, "-n", "--cores", "1", "--", "results/samples/lung/phantom00.npz")
     said = run.stdout + run.stderr
     assert run.returncode == 0, said
-    blocks = re.split(r"^rule ", said, flags=re.M)[1:]  # one per job: "name:\n    input: ...\n"
+    blocks = re.split(r"^\s*rule ", said, flags=re.M)[1:]  # one per job (indented within the case group)
     requested = {b.split(":", 1)[0]: m.group(1) for b in blocks if (m := re.search(r"mem_mb=(\d+)", b))}
     assert requested == {step: str(preprocess_mem_mb(step, 1024)) for step in ("window", "sdf", "index")}
     assert int(requested["sdf"]) >= 14000
@@ -171,7 +171,10 @@ def test_full_run_trains_evaluates_and_a_second_run_does_nothing(tmp_path: Path)
     assert counts == {"all": 1, "evaluate": 1, "train_stage1": 1, "train_stage2": 1}, counts
     _write_config(tmp_path, band=2.5)
     counts = _job_counts(_snakemake(tmp_path, "-n", "--cores", "2").stdout)
-    assert counts["sdf"] == 2 and counts["train_stage1"] == 1 and "window" not in counts, counts
+    # the windowed volumes were temp(): they are made again, the phantoms are not
+    assert counts["sdf"] == counts["window"] == 2 and counts["train_stage1"] == 1, counts
+    assert "phantom" not in counts, counts
+    assert not list((tmp_path / "results").glob("windowed/*/*.npz"))  # gone after the run above
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctvq.ct.errors import CTInputError
-from ctvq.ct.sample import CELL_VOXELS, LATENT_STRIDE
+from ctvq.ct.sample import CELL_VOXELS, LATENT_STRIDE, FigurePlanes
 from ctvq.ct.sdf import narrow_band_sdf
 from ctvq.ct.surface import RAW, SurfaceSettings, island_flips, island_voxels
 from ctvq.ct.volume_file import (
@@ -68,6 +68,7 @@ class BandField:
     scan_extent: np.ndarray | None = None
     islands_removed: int = 0  # inside components flipped to outside (provenance, logged)
     holes_filled: int = 0
+    figure_planes: FigurePlanes | None = None  # the windowed CT through the band's centre, for figures
 
 
 def surface_volume(values: np.ndarray, iso_value: float, min_voxels: int,
@@ -144,11 +145,12 @@ def band_and_inside(volume: WindowedVolume, band: float = 3.0, iso_value: float 
     inside = np.greater(values, iso_value)
     bits = np.packbits(cell_masks(inside, latent).reshape(-1, CELL_VOXELS), axis=1)
     sdf = np.clip(distance / np.float32(band), -1.0, 1.0).astype(np.float32)
+    planes = FigurePlanes.of(volume.values, np.round(coords.mean(axis=0)).astype(np.int64))
     return BandField(coords=coords, sdf=sdf, latent_coords=latent, inside_bits=bits, band=float(band),
                      iso_value=float(iso_value), resolution=res, affine=volume.affine, window=volume.window,
                      case_id=volume.case_id, source=volume.source, spacing=volume.spacing,
                      surface=volume.surface, scan_extent=volume.scan_extent, islands_removed=removed,
-                     holes_filled=filled), inside
+                     holes_filled=filled, figure_planes=planes), inside
 
 
 def dense_field(field: BandField, inside: np.ndarray) -> np.ndarray:
@@ -198,13 +200,15 @@ def save_band(field: BandField, path: str | os.PathLike) -> None:
         "window_level": np.asarray(field.window.level), "case_id": np.asarray(field.case_id),
         "source": np.asarray(field.source), "spacing": np.asarray(field.spacing, dtype=np.float64),
         **surface_arrays(field.surface, field.scan_extent, field.resolution),
+        **({} if field.figure_planes is None else {"figure_planes": field.figure_planes.planes,
+                                                   "figure_centre": field.figure_planes.centre}),
     })
 
 
 def load_band(path: str | os.PathLike) -> BandField:
     keys = ("coords", "sdf", "latent_coords", "inside_bits", "band", "iso_value", "resolution", "affine",
             "window", "window_width", "window_level", "case_id", "source", "spacing", *SURFACE_KEYS)
-    d = load_npz(path, _KIND, BAND_FORMAT_VERSION, keys)
+    d = load_npz(path, _KIND, BAND_FORMAT_VERSION, keys, optional=("figure_planes", "figure_centre"))
     surface, extent = surface_from(d)
     return BandField(
         coords=d["coords"], sdf=d["sdf"], latent_coords=d["latent_coords"], inside_bits=d["inside_bits"],
@@ -214,4 +218,5 @@ def load_band(path: str | os.PathLike) -> BandField:
         case_id=str(d["case_id"]), source=str(d["source"]),
         spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
         surface=surface, scan_extent=extent,
+        figure_planes=FigurePlanes(d["figure_centre"], d["figure_planes"]) if "figure_planes" in d else None,
     )

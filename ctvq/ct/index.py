@@ -6,7 +6,7 @@ import numpy as np
 
 from ctvq.ct.band import BandField, flat_cells, occupied_cells
 from ctvq.ct.errors import CTInputError
-from ctvq.ct.sample import SparseSample
+from ctvq.ct.sample import SparseSample, on_sdf_steps
 from ctvq.ct.volume_file import extent_or_cube
 
 
@@ -36,7 +36,7 @@ def build_index(field: BandField) -> SparseSample:
         band=field.band,
         affine=np.asarray(field.affine, dtype=np.float64),
         coords=np.ascontiguousarray(field.coords[order]),
-        sdf=np.ascontiguousarray(field.sdf[order]),
+        sdf=on_sdf_steps(field.sdf[order]),
         latent_coords=np.ascontiguousarray(field.latent_coords),
         cell_start=cell_start,
         inside_bits=np.ascontiguousarray(field.inside_bits),
@@ -47,6 +47,7 @@ def build_index(field: BandField) -> SparseSample:
         body_mask=bool(field.surface.body_mask),
         pad=str(field.surface.pad),
         scan_extent=extent_or_cube(field.scan_extent, field.resolution),
+        figure_planes=field.figure_planes,
     )
     sample.validate(field.case_id)
     return sample

@@ -149,14 +149,16 @@ def peek_sample(path: Path) -> CaseRecord:
     """Header-only look at a sample file (scalars and the coords shape), without decompressing the arrays."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            check_format_version(data, path)
+            version = check_format_version(data, path)
             case_id, window, resolution, width, level = (
                 data[k].item() for k in ("case_id", "window", "resolution", "window_width", "window_level")
             )
-        with zipfile.ZipFile(path) as archive, archive.open("coords.npy") as fh:
+        per_voxel = "local_index.npy" if version >= 4 else "coords.npy"
+        with zipfile.ZipFile(path) as archive, archive.open(per_voxel) as fh:
             major, _ = np.lib.format.read_magic(fh)
             if major not in (1, 2):
-                raise SampleFormatError(f"{path}: coords stored with npy format {major}, expected 1 or 2")
+                raise SampleFormatError(f"{path}: {per_voxel} stored with npy format {major}, "
+                                        "expected 1 or 2")
             fmt = np.lib.format
             shape, _, _ = (fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0)(fh)
     except SampleFormatError:

@@ -31,7 +31,7 @@ import pandas as pd
 
 from ctvq.atomic import atomic_output, atomic_write_text
 from ctvq.ct.case_id import case_id_problem
-from ctvq.ct.sample import SparseSample, decoder_targets, load_sample
+from ctvq.ct.sample import FigurePlanes, SparseSample, decoder_targets, load_figure_planes, load_sample
 from ctvq.ct.splits import SPLITS
 from ctvq.ct.volume_file import load_windowed
 from ctvq.data.datasets import DatasetError, read_manifest
@@ -254,13 +254,24 @@ def _write_case_outputs(result: CaseEvaluation, case: EvalCase, sample: SparseSa
         write_ply(result.input_mesh, output_dir / "meshes" / f"{name}_input.ply")
         write_ply(result.recon_mesh, output_dir / "meshes" / f"{name}_recon.ply")
     if figures:
-        windowed = windowed_path_for(case.path, windowed_dir)
-        background = load_windowed(windowed).values if windowed.is_file() else None
-        centre = np.round(sample.coords.mean(axis=0)).astype(int)
+        planes = figure_planes_for(case.path, sample, windowed_dir)
+        centre = planes.centre if planes is not None else np.round(sample.coords.mean(axis=0)).astype(int)
         keys = ("sdf_mae_mm", "chamfer_l1_mm", "fscore_1mm", "occupancy_iou")
         summary = {k: result.metrics[k] for k in keys}
         save_case_figure(output_dir / "figures" / f"{name}.png", name, result.input_box, result.recon_box,
-                         centre, sample.resolution, background, summary)
+                         centre, sample.resolution, planes, summary)
+
+
+def figure_planes_for(path: Path, sample: SparseSample, windowed_dir: Path | None) -> FigurePlanes | None:
+    """The CT behind a case's figure: the sample's own planes, else (samples made before they were stored)
+    the planes of its windowed volume when one is found; None without either."""
+    planes = load_figure_planes(path)
+    if planes is None:
+        windowed = windowed_path_for(path, windowed_dir)
+        if windowed.is_file():
+            planes = FigurePlanes.of(load_windowed(windowed).values,
+                                     np.round(sample.coords.mean(axis=0)).astype(np.int64))
+    return planes
 
 
 def warn_if_collapsed(result: CaseEvaluation) -> None:

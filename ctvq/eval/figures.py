@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ctvq.atomic import atomic_output
+from ctvq.ct.sample import FigurePlanes
 from ctvq.eval.loading import EvalInputError
 from ctvq.eval.surfaces import DenseBox
 
@@ -48,10 +49,14 @@ def _has_crossing(field: np.ma.MaskedArray) -> bool:
 
 
 def save_case_figure(path: str | os.PathLike, case_id: str, input_box: DenseBox, recon_box: DenseBox,
-                     centre: np.ndarray, resolution: int, background: np.ndarray | None = None,
+                     centre: np.ndarray, resolution: int, background: FigurePlanes | None = None,
                      summary: Mapping[str, float | None] | None = None) -> None:
-    """Axial / coronal / sagittal slices through ``centre``: windowed CT (or, without it, the input SDF)
-    with the input zero level and the reconstructed zero level drawn in two colours."""
+    """Axial / coronal / sagittal slices through ``centre``: windowed CT (``background``, planes through
+    the same centre; without it, the input SDF) with the input and the reconstructed zero level drawn in
+    two colours."""
+    if background is not None and not np.array_equal(background.centre, centre):
+        raise ValueError(f"figure planes through {background.centre.tolist()}, figure through "
+                         f"{np.asarray(centre).tolist()}")
     fig = Figure(figsize=(13.5, 5.0))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
@@ -60,7 +65,7 @@ def save_case_figure(path: str | os.PathLike, case_id: str, input_box: DenseBox,
         field_in = box_slice(input_box, axis, index, resolution)
         field_rec = box_slice(recon_box, axis, index, resolution)
         if background is not None:
-            ax.imshow(np.take(background, index, axis=axis).T, cmap="gray", vmin=0.0, vmax=1.0,
+            ax.imshow(background.plane(axis).T, cmap="gray", vmin=0.0, vmax=1.0,
                       origin="lower", interpolation="nearest")
         else:
             ax.imshow(np.zeros((resolution, resolution)), cmap="gray", vmin=0.0, vmax=1.0, origin="lower")

@@ -70,6 +70,18 @@ def occupancy_iou(pred_inside: np.ndarray, target_inside: np.ndarray) -> float:
     return float(np.count_nonzero(pred_inside & target_inside) / union)
 
 
+def offset_iou(distance_vox: np.ndarray, offset_vox: float) -> float:
+    """Occupancy IoU of a surface moved by ``offset_vox`` voxels everywhere (outward if positive) against
+    itself, from signed distances in voxels (negative inside; clipped values are fine beyond the offset).
+
+    A reference for ``occupancy_iou``: on thin anatomy a reconstruction whose surface is right to a quarter
+    voxel can still score far below 0.9 (bone phantoms at 128^3: 0.82-0.86 at 0.25 voxel), so the IoU
+    of a model is read against this, not against 1."""
+    inside = np.asarray(distance_vox) < 0
+    moved = np.asarray(distance_vox) < offset_vox
+    return occupancy_iou(moved, inside)
+
+
 def sample_surface(vertices: np.ndarray, faces: np.ndarray, count: int, seed: int) -> np.ndarray:
     """``count`` points uniform by area on a triangle mesh (seeded); (0, 3) for a mesh without area."""
     tri = np.asarray(vertices, dtype=np.float64)[np.asarray(faces, dtype=np.int64)]

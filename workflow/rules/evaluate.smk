@@ -16,11 +16,10 @@ rule evaluate:
         ctvq=CTVQ,
         out_dir=lambda wc: f"{RESULTS}/eval/{wc.window}",
         train_log=lambda wc: f"{RESULTS}/train/{wc.window}/stage2/metrics.csv",
-        windowed=lambda wc: f"{RESULTS}/windowed/{wc.window}",
         allow_collapse="--allow-collapse" if config["evaluate"]["allow_collapse"] else "",
     threads: TRAIN["threads"]
     resources:
         mem_mb=TRAIN["mem_mb"],
     shell:
         "{params.ctvq} eval --ckpt {input.ckpt} --data {input.manifest} -o {output.metrics} --output-dir {params.out_dir}"
-        " --train-log {params.train_log} --windowed-dir {params.windowed} {params.allow_collapse} > {log} 2>&1"
+        " --train-log {params.train_log} {params.allow_collapse} > {log} 2>&1"

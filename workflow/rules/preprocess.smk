@@ -2,6 +2,9 @@
 # window. The per-case steps share the group "case": on a cluster, one case's chain is one job, and
 # `--group-components case=N` (the SLURM profiles) packs N chains into one job instead of 3 N jobs of seconds.
 # The manifest only reads sample headers: it runs on the submitting node.
+# Kept per case and window: the sample (which also holds the CT planes evaluation draws its figures over)
+# and the preview. The windowed volume and the band file are temp(): deleted once the sample is written
+# (at 512 they are 268 MB and 69 MB a case); `snakemake --notemp` keeps them, e.g. to open them in Slicer.
 # --record-failure: an unusable scan leaves a failure record instead of a sample, passed on by sdf and index,
 # and the manifest lists the case as `failed: <reason>`; the window's other cases still train.
 
@@ -27,7 +30,7 @@ rule window:
     input:
         lambda wc: CASES[wc.case],
     output:
-        windowed=f"{RESULTS}/windowed/{{window}}/{{case}}.npz",
+        windowed=temp(f"{RESULTS}/windowed/{{window}}/{{case}}.npz"),
         preview=f"{RESULTS}/previews/{{window}}/{{case}}.png",
     log:
         "logs/window/{window}/{case}.log",
@@ -50,7 +53,7 @@ rule sdf:
     input:
         rules.window.output.windowed,
     output:
-        f"{RESULTS}/sdf/{{window}}/{{case}}.npz",
+        temp(f"{RESULTS}/sdf/{{window}}/{{case}}.npz"),
     log:
         "logs/sdf/{window}/{case}.log",
     params:
