@@ -28,3 +28,13 @@ def test_unknown_step_and_bad_resolution_are_refused() -> None:
         preprocess_mem_mb("train", 512)
     with pytest.raises(ValueError, match="resolution=0"):
         preprocess_mem_mb("sdf", 0)
+
+
+def test_runtime_requests_scale_with_voxels_and_have_a_floor() -> None:
+    from ctvq.ct.resources import FLOOR_MINUTES, SECONDS_AT_1024, preprocess_runtime_minutes
+
+    assert {preprocess_runtime_minutes(s, 256) for s in SECONDS_AT_1024} == {FLOOR_MINUTES}
+    assert preprocess_runtime_minutes("sdf", 2048) > preprocess_runtime_minutes("sdf", 1024) >= FLOOR_MINUTES
+    assert preprocess_runtime_minutes("sdf", 2048) >= 8 * 4 * 38.6 / 60 - 1  # 8x the voxels, 4x headroom
+    with pytest.raises(ValueError, match="known steps"):
+        preprocess_runtime_minutes("train", 512)

@@ -4,6 +4,7 @@ param-change rerun, push/pull round trip."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -32,7 +33,8 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def _all_skipped(output: str) -> bool:
-    return all(f"Stage '{s}' didn't change, skipping" in output for s in ("preprocess", "train", "evaluate"))
+    stages = ("preprocess", "train@lung", "evaluate@lung")
+    return all(f"Stage '{s}' didn't change, skipping" in output for s in stages)
 
 
 @pytest.fixture()
@@ -41,8 +43,9 @@ def repo(tmp_path: Path) -> Path:
     repo.mkdir()
     for rel in ("workflow", "ctvq", "configs/vqvae"):
         shutil.copytree(ROOT / rel, repo / rel, ignore=shutil.ignore_patterns("__pycache__"))
-    # the committed DVC repository (.dvc/config, .dvc/.gitignore), not a dvc init of its own
-    for rel in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
+    # the committed DVC repository (.dvc/config, .dvc/.gitignore), not a dvc init of its own; results/ is
+    # git-ignored as in the project, so every output lives in DVC's cache
+    for rel in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, repo / rel)
     config = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
@@ -91,22 +94,30 @@ def test_repro_noop_push_pull_round_trip_and_param_rerun(repo: Path, tmp_path: P
     assert _all_skipped(again)
 
     _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", "run")  # dvc.lock and the git-tracked metrics/plots (cache: false)
+    _run(repo, "git", "commit", "-qm", "run")  # dvc.lock
     _run(repo, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
     _run(repo, "dvc", "push")
     before = _digests(repo / "results")
     for out in ("raw", "previews", "samples", "manifests", "train", "eval"):
         shutil.rmtree(repo / "results" / out)
     shutil.rmtree(repo / ".dvc" / "cache")
-    _run(repo, "git", "checkout", "--", "results")  # what a fresh clone has: the git-tracked files
     _run(repo, "dvc", "pull")
     assert _digests(repo / "results") == before
     after_pull = _run(repo, "dvc", "repro")
     assert _all_skipped(after_pull)
 
-    config = yaml.safe_load((repo / "configs" / "pipeline.yaml").read_text())
-    config["train"]["max_steps"] = 3
-    (repo / "configs" / "pipeline.yaml").write_text(yaml.safe_dump(config))
-    rerun = _run(repo, "dvc", "repro")
-    assert "Stage 'preprocess' didn't change, skipping" in rerun
-    assert "Running stage 'train'" in rerun and "Running stage 'evaluate'" in rerun
+    params = _run(repo, "dvc", "params", "diff", "--all")  # the training JSONs are params files
+    assert "configs/vqvae/tiny_stage2.json" in params and "trainer.args.optimizer.args.lr" in params
+    lr = "configs/vqvae/tiny_stage2.json:trainer.args.optimizer.args.lr=0.002"
+    exp = _run(repo, "dvc", "exp", "run", "-S", lr)
+    assert "Stage 'preprocess' didn't change, skipping" in exp
+    assert "Running stage 'train@lung'" in exp and "Running stage 'evaluate@lung'" in exp
+    diff = _run(repo, "dvc", "metrics", "diff", "--all", "--md")  # HEAD's metrics come from the cache
+    row = next(line for line in diff.splitlines() if "val/num_cases" in line)
+    assert row.split("|")[3].strip() == row.split("|")[4].strip() == "1", diff
+    table = json.loads(_run(repo, "dvc", "exp", "show", "--json"))
+    assert "!" not in json.dumps(table)
+    plots = json.loads(_run(repo, "dvc", "plots", "show", "--json"))
+    fields = {v.get("field") for entry in plots["data"].values() for p in entry
+              for v in p["content"]["data"]["values"]}
+    assert {"loss", "usage"} <= fields, fields

@@ -121,7 +121,7 @@ def test_eval_writes_flat_metrics_cases_figures_meshes_and_curves(run_dir, sampl
                  "meshes/sphere1_recon.ply", "training_curves.png"):
         assert (out / name).stat().st_size > 0
     curves = (out / "training_curves.csv").read_text().splitlines()
-    assert curves[0] == "step,loss,recon_loss,usage,perplexity" and len(curves) == 3
+    assert curves[0] == "step,stage,loss,recon_loss,usage,perplexity" and len(curves) == 3
     # the figure's CT comes from the sample itself: no windowed volume is needed
     with_planes = figure_planes_for(samples / "sphere0.npz", load_sample(samples / "sphere0.npz"), None)
     assert with_planes is not None and with_planes.planes.shape == (3, 64, 64)
@@ -219,3 +219,18 @@ def test_eval_without_held_out_cases_says_they_are_training_metrics(run_dir, sam
     assert metrics["eval_split"] == "train" and metrics["train/num_cases"] == 2
     assert not any(k.startswith(("val/", "test/")) for k in metrics)
     assert "ctvq eval: no held-out cases: these are TRAINING-case metrics\n" in capsys.readouterr().err
+
+
+def test_training_curves_of_both_stages_continue_the_step_count(tmp_path):
+    from ctvq.eval.figures import training_curves
+
+    first, second = tmp_path / "s1.csv", tmp_path / "s2.csv"
+    first.write_text("step,loss,recon_loss\n10,0.9,0.8\n20,0.7,0.6\n")  # stage 1 (autoencoder): no usage
+    second.write_text("step,loss,recon_loss,usage\n10,0.5,0.4,0.3\n20,0.4,0.3,0.5\n")
+    columns = training_curves([first, second], tmp_path / "c.png", tmp_path / "c.csv")
+    assert columns == ["loss", "recon_loss", "usage"]
+    table = (tmp_path / "c.csv").read_text().splitlines()
+    assert table == ["step,stage,loss,recon_loss,usage", "10,1,0.9,0.8,", "20,1,0.7,0.6,",
+                     "30,2,0.5,0.4,0.3", "40,2,0.4,0.3,0.5"]
+    with pytest.raises(EvalInputError, match="missing.csv: training log not found"):
+        training_curves([first, tmp_path / "missing.csv"], tmp_path / "c.png", tmp_path / "c.csv")

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,6 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 def _write_config(workdir: Path, **overrides) -> Path:
     config = {
-        "experiment": "test",
         "inputs": {"phantoms": 2},
         "windows": ["lung"],
         "resolution": 64,
@@ -101,6 +101,10 @@ def test_bad_pipeline_config_is_refused_naming_the_key(tmp_path: Path) -> None:
     assert run.returncode != 0
     said = run.stdout + run.stderr
     assert "'lungs'" in said and "['windows']" in said
+    _write_config(tmp_path, experiment="demo")  # a key older configs carried, which named nothing
+    run = _snakemake(tmp_path, "-n", "--cores", "1")
+    said = run.stdout + run.stderr
+    assert "pipeline.yaml (over configs/pipeline.yaml): experiment: no longer a setting" in said, said
 
 
 def test_band_per_window_reaches_sdf_and_training(tmp_path: Path) -> None:
@@ -158,6 +162,16 @@ def test_full_run_trains_evaluates_and_a_second_run_does_nothing(tmp_path: Path)
     again = _snakemake(tmp_path, "-n", "--cores", "2")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+    benchmarks = {p.relative_to(tmp_path / "logs" / "benchmark").parts[0]
+                  for p in (tmp_path / "logs" / "benchmark").rglob("*.tsv")}
+    assert benchmarks == {"phantom", "window", "sdf", "index", "manifest", "train", "evaluate"}
+    report = _snakemake(tmp_path, "--report", str(tmp_path / "report.zip"))
+    assert report.returncode == 0, (report.stdout + report.stderr)[-2000:]
+    with zipfile.ZipFile(tmp_path / "report.zip") as archive:
+        names = archive.namelist()
+    files = [Path(n).name for n in names if "/data/raw/" in n]  # report/data/raw/<hash>/<file>
+    assert {"training_curves.png", "metrics.json"} <= set(files), names
+    assert files.count("phantom00.png") == files.count("phantom01.png") == 2, names  # preview, eval figure
     _write_config(tmp_path, split={"fractions": {"train": 0.5, "val": 0.5}, "seed": 1})
     resplit = _snakemake(tmp_path, "-n", "--cores", "2")  # the split is a param of the manifest rule
     assert resplit.returncode == 0

@@ -1,4 +1,5 @@
-"""Memory to request from a scheduler per preprocessing step, scaled from measured peaks by voxel count.
+"""Memory and time to request from a scheduler per preprocessing step, scaled from measured peaks by voxel
+count.
 
 A SLURM job that asks for too little is killed (and too much wastes the queue): at resolution 1024 the window
 and sdf steps peak near 9 GiB, four times what a fixed 8 GB request at 512 allowed for. Each step's memory is
@@ -29,6 +30,24 @@ def preprocess_mem_mb(step: str, resolution: int) -> int:
     peak_mb = PEAK_GIB_AT_1024[step] * 1024 * (resolution / 1024) ** 3
     request = max(FLOOR_MB, HEADROOM * peak_mb)
     return int(math.ceil(request / STEP_MB) * STEP_MB)
+
+
+# Seconds at resolution 1024, lung window of the same phantom (bench/results/preprocess_1024.json).
+SECONDS_AT_1024 = {"window": 31.8, "sdf": 38.6, "index": 16.3}
+TIME_HEADROOM = 4.0  # real scans are larger than the phantom, and a shared node is slower
+FLOOR_MINUTES = 5
+
+
+def preprocess_runtime_minutes(step: str, resolution: int) -> int:
+    """Minutes to request for `ctvq <step>` at `resolution` (at least 5): a case's chain of steps is a
+    group job, whose time limit Snakemake adds up from these, so a flat default (an hour per step) would
+    ask a scheduler for days."""
+    if step not in SECONDS_AT_1024:
+        raise ValueError(f"no time estimate for step {step!r}; known steps: {', '.join(SECONDS_AT_1024)}")
+    if resolution < 1:
+        raise ValueError(f"resolution={resolution} must be >= 1")
+    minutes = TIME_HEADROOM * SECONDS_AT_1024[step] * (resolution / 1024) ** 3 / 60
+    return max(FLOOR_MINUTES, math.ceil(minutes))
 
 
 def machine_memory_bytes() -> int | None:

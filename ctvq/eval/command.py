@@ -73,8 +73,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windowed-dir", type=Path,
                    help="folder of windowed volumes for the figures' background (default: ../windowed next "
                         "to the samples, as `ctvq demo` lays them out; without one the input SDF is shown)")
-    p.add_argument("--train-log", type=Path,
-                   help="metrics.csv of the training run for the curves (default: the checkpoint's run's)")
+    p.add_argument("--train-log", type=Path, nargs="+", metavar="CSV",
+                   help="metrics.csv of the training runs for the curves, in training order (stage 1, then "
+                        "stage 2: one curve, steps continued; default: the checkpoint's own run's)")
+    p.add_argument("--curves-csv", type=Path, metavar="CSV",
+                   help="where the training curves' CSV goes (default: training_curves.csv in the output "
+                        "folder; the workflow puts it in results/curves/ for `dvc plots show`)")
     p.add_argument("--split", nargs="+", choices=SPLITS, metavar="SPLIT",
                    help="evaluate only the manifest's cases of these splits (train, val, test; default: "
                         "every ok case, reported per split)")
@@ -94,7 +98,8 @@ def run_eval(args: argparse.Namespace) -> int:
     out_dir = args.output_dir if args.output_dir is not None else args.output.parent
     summary = run_evaluation(loaded, settings, args.data, args.output, out_dir, points=args.points,
                              seed=args.seed, meshes=not args.no_meshes, figures=not args.no_figures,
-                             windowed_dir=args.windowed_dir, train_log=args.train_log, splits=args.split)
+                             windowed_dir=args.windowed_dir, train_logs=args.train_log or (),
+                             curves_csv=args.curves_csv, splits=args.split)
     print(f"ctvq eval: wrote {args.output} ({summary['num_cases']} cases, headline split "
           f"{summary['eval_split']}) and {out_dir}/cases.csv", file=sys.stderr)
     return collapse_exit_code(summary, args.allow_collapse)

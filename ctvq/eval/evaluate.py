@@ -318,7 +318,8 @@ def _write_json(values: dict[str, Any], path: Path) -> None:
 def run_evaluation(loaded: LoadedModel, settings: DataSettings, data: str | os.PathLike,
                    metrics_json: str | os.PathLike, output_dir: str | os.PathLike, *,
                    points: int = DEFAULT_POINTS, seed: int = 0, meshes: bool = True, figures: bool = True,
-                   windowed_dir: str | os.PathLike | None = None, train_log: str | os.PathLike | None = None,
+                   windowed_dir: str | os.PathLike | None = None,
+                   train_logs: Sequence[str | os.PathLike] = (), curves_csv: str | os.PathLike | None = None,
                    quiet: bool = False, splits: Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate every ok case of ``data`` (of ``splits`` only, if given); write metrics.json (per split,
     see `split_metrics`), cases.csv (with each case's split), figures, meshes and curves."""
@@ -341,9 +342,11 @@ def run_evaluation(loaded: LoadedModel, settings: DataSettings, data: str | os.P
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(output_dir / "cases.csv") as tmp:
         pd.DataFrame(cases).to_csv(tmp, index=False)
-    log = Path(train_log) if train_log is not None else run_config_path(loaded.path).parent / TRAIN_LOG_NAME
-    if train_log is not None or log.is_file():
-        training_curves(log, output_dir / "training_curves.png", output_dir / "training_curves.csv")
+    own = run_config_path(loaded.path).parent / TRAIN_LOG_NAME
+    logs = [Path(p) for p in train_logs] if train_logs else ([own] if own.is_file() else [])
+    if logs:
+        training_curves(logs, output_dir / "training_curves.png",
+                        output_dir / "training_curves.csv" if curves_csv is None else curves_csv)
     if not quiet:
         print_summary(summary_metrics, data)
     return summary_metrics

@@ -6,7 +6,7 @@ Matplotlib through ``Figure`` + the Agg canvas (no pyplot global state), written
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -109,29 +109,43 @@ def curve_columns(table: pd.DataFrame) -> dict[str, list[str]]:
     return out
 
 
-def training_curves(log_csv: str | os.PathLike, png: str | os.PathLike, csv: str | os.PathLike) -> list[str]:
-    """PNG of loss / codebook usage / perplexity against step, and their CSV (step + one column per metric,
-    what `dvc plots show --x step` reads). Returns the metric columns written."""
-    log_csv = Path(log_csv)
-    if not log_csv.is_file():
-        raise EvalInputError(f"{log_csv}: training log not found (the metrics.csv of a `ctvq train` run)")
-    table = pd.read_csv(log_csv)
-    if "step" not in table.columns:
-        raise EvalInputError(f"{log_csv}: no 'step' column; expected the metrics.csv of a `ctvq train` run")
+def training_curves(logs: Sequence[str | os.PathLike], png: str | os.PathLike, csv: str | os.PathLike
+                    ) -> list[str]:
+    """PNG of loss / codebook usage / perplexity against step, and their CSV (step, stage, one column per
+    metric: what `dvc plots show` reads). ``logs`` are `ctvq train` metrics.csv files in training order
+    (stage 1, then stage 2): each continues the step count of the one before, and ``stage`` numbers them, so
+    one curve shows the whole training. Returns the metric columns written."""
+    tables, offset = [], 0
+    for number, log in enumerate(map(Path, logs), start=1):
+        if not log.is_file():
+            raise EvalInputError(f"{log}: training log not found (the metrics.csv of a `ctvq train` run)")
+        table = pd.read_csv(log)
+        if "step" not in table.columns:
+            raise EvalInputError(f"{log}: no 'step' column; expected the metrics.csv of a `ctvq train` run")
+        table = table.assign(step=table["step"] + offset, stage=number)
+        offset = int(table["step"].max()) if len(table) else offset
+        tables.append(table)
+    if not tables:
+        raise EvalInputError("no training log given")
+    table = pd.concat(tables, ignore_index=True)
     groups = curve_columns(table)
     if not groups:
-        raise EvalInputError(f"{log_csv}: no loss, usage or perplexity column among {list(table.columns)}")
+        raise EvalInputError(f"{', '.join(map(str, logs))}: no loss, usage or perplexity column among "
+                             f"{list(table.columns)}")
     columns = [c for cols in groups.values() for c in cols]
     fig = Figure(figsize=(4.5 * len(groups), 3.6))
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(1, len(groups)))
+    starts = [int(t["step"].min()) for t in tables[1:] if len(t)]
     for ax, (title, cols) in zip(axes, groups.items(), strict=True):
         for col in cols:
             rows = table[["step", col]].dropna()
             ax.plot(rows["step"], rows[col], label=col, lw=1.2)
-        if title == "loss" and (table[cols] > 0).all().all():
+        for start in starts:
+            ax.axvline(start, color="grey", lw=0.8, ls="--")
+        if title == "loss" and (table[cols].dropna() > 0).all().all():
             ax.set_yscale("log")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title + (" (dashed: next stage)" if starts else ""), fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
@@ -140,7 +154,7 @@ def training_curves(log_csv: str | os.PathLike, png: str | os.PathLike, csv: str
     with atomic_output(png) as tmp:
         fig.savefig(tmp, dpi=90)
     with atomic_output(csv) as tmp:
-        table[["step", *columns]].to_csv(tmp, index=False)
+        table[["step", "stage", *columns]].to_csv(tmp, index=False)
     return columns
 
 

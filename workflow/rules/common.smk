@@ -8,13 +8,16 @@ from snakemake.utils import validate
 from ctvq.ct.band import default_band
 from ctvq.ct.discover import discover_scans
 from ctvq.ct.errors import CTInputError
-from ctvq.ct.resources import preprocess_mem_mb  # the preprocessing rules size their memory with it
+from ctvq.ct.resources import preprocess_mem_mb, preprocess_runtime_minutes  # sizes of the preprocessing jobs
 
 # The file the settings came from, for messages: --configfile's (given on the command line, it overrides the
 # default keys of configs/pipeline.yaml) or the default.
 CONFIG_FILE = (f"{workflow.overwrite_configfiles[-1]} (over configs/pipeline.yaml)"
                if workflow.overwrite_configfiles else "configs/pipeline.yaml")
 
+if "experiment" in config:  # an older pipeline.yaml: the key named nothing and was never used
+    raise ValueError(f"{CONFIG_FILE}: experiment: no longer a setting (it was never used); remove it. To keep "
+                     "runs apart, give each its own `results:` folder, or use DVC experiments (`dvc exp run`)")
 validate(config, schema="../schemas/pipeline.schema.yaml")
 
 # The interpreter running snakemake has ctvq installed: call the CLI through it, so no PATH set-up is needed

@@ -1,5 +1,6 @@
 # Evaluation of the stage-2 model on the window's samples: metrics.json (DVC metrics), per-case figures and
-# meshes, training curves (DVC plots). When no case has a reconstructed surface (a collapsed tokenizer)
+# meshes, training curves of both stages (DVC plots). When no case has a reconstructed surface (a collapsed
+# tokenizer)
 # `ctvq eval` exits 3 and the job fails; evaluate.allow_collapse: true passes --allow-collapse.
 
 
@@ -8,18 +9,27 @@ rule evaluate:
         ckpt=rules.train_stage2.output,
         manifest=f"{RESULTS}/manifests/{{window}}.csv",
     output:
-        metrics=f"{RESULTS}/eval/{{window}}/metrics.json",
-        curves=f"{RESULTS}/eval/{{window}}/training_curves.csv",
+        metrics=report(f"{RESULTS}/eval/{{window}}/metrics.json", caption="../report/metrics.rst",
+                       category="Evaluation", labels={"window": "{window}", "what": "metrics"}),
+        curves_png=report(f"{RESULTS}/eval/{{window}}/training_curves.png", caption="../report/curves.rst",
+                          category="Training", labels={"window": "{window}"}),
+        figures=report(directory(f"{RESULTS}/eval/{{window}}/figures"), patterns=["{case}.png"],
+                       caption="../report/figure.rst", category="Evaluation",
+                       labels={"window": "{window}", "case": "{case}"}),
+        curves=f"{RESULTS}/curves/{{window}}.csv",  # its own folder: `dvc plots show` draws every file in it
     log:
         "logs/eval/{window}.log",
+    benchmark:
+        "logs/benchmark/evaluate/{window}.tsv"
     params:
         ctvq=CTVQ,
         out_dir=lambda wc: f"{RESULTS}/eval/{wc.window}",
-        train_log=lambda wc: f"{RESULTS}/train/{wc.window}/stage2/metrics.csv",
+        train_logs=lambda wc: " ".join(f"{RESULTS}/train/{wc.window}/{stage}/metrics.csv"
+                                       for stage in ("stage1", "stage2")),
         allow_collapse="--allow-collapse" if config["evaluate"]["allow_collapse"] else "",
     threads: TRAIN["threads"]
     resources:
         mem_mb=TRAIN["mem_mb"],
     shell:
         "{params.ctvq} eval --ckpt {input.ckpt} --data {input.manifest} -o {output.metrics} --output-dir {params.out_dir}"
-        " --train-log {params.train_log} {params.allow_collapse} > {log} 2>&1"
+        " --train-log {params.train_logs} --curves-csv {output.curves} {params.allow_collapse} > {log} 2>&1"

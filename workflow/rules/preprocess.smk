@@ -18,8 +18,12 @@ rule phantom:
         f"{RESULTS}/raw/phantom{{seed}}.nii.gz",
     log:
         "logs/phantom/phantom{seed}.log",
+    benchmark:
+        "logs/benchmark/phantom/phantom{seed}.tsv"
     params:
         ctvq=CTVQ,
+    resources:
+        runtime=5,
     group:
         "case"
     shell:
@@ -31,9 +35,12 @@ rule window:
         lambda wc: CASES[wc.case],
     output:
         windowed=temp(f"{RESULTS}/windowed/{{window}}/{{case}}.npz"),
-        preview=f"{RESULTS}/previews/{{window}}/{{case}}.png",
+        preview=report(f"{RESULTS}/previews/{{window}}/{{case}}.png", caption="../report/preview.rst",
+                       category="Previews", subcategory="{window}", labels={"case": "{case}", "window": "{window}"}),
     log:
         "logs/window/{window}/{case}.log",
+    benchmark:
+        "logs/benchmark/window/{window}/{case}.tsv"
     params:
         ctvq=CTVQ,
         resolution=config["resolution"],
@@ -41,6 +48,7 @@ rule window:
         series=lambda wc: f"--series {SERIES[wc.case]}" if wc.case in SERIES else "",
     resources:
         mem_mb=preprocess_mem_mb("window", config["resolution"]),
+        runtime=preprocess_runtime_minutes("window", config["resolution"]),
     group:
         "case"
     shell:
@@ -56,11 +64,14 @@ rule sdf:
         temp(f"{RESULTS}/sdf/{{window}}/{{case}}.npz"),
     log:
         "logs/sdf/{window}/{case}.log",
+    benchmark:
+        "logs/benchmark/sdf/{window}/{case}.tsv"
     params:
         ctvq=CTVQ,
         band=band_of,
     resources:
         mem_mb=preprocess_mem_mb("sdf", config["resolution"]),
+        runtime=preprocess_runtime_minutes("sdf", config["resolution"]),
     group:
         "case"
     shell:
@@ -74,10 +85,13 @@ rule index:
         f"{RESULTS}/samples/{{window}}/{{case}}.npz",
     log:
         "logs/index/{window}/{case}.log",
+    benchmark:
+        "logs/benchmark/index/{window}/{case}.tsv"
     params:
         ctvq=CTVQ,
     resources:
         mem_mb=preprocess_mem_mb("index", config["resolution"]),
+        runtime=preprocess_runtime_minutes("index", config["resolution"]),
     group:
         "case"
     shell:
@@ -93,6 +107,8 @@ rule manifest:
         f"{RESULTS}/manifests/{{window}}.csv",
     log:
         "logs/manifest/{window}.log",
+    benchmark:
+        "logs/benchmark/manifest/{window}.tsv"
     params:
         ctvq=CTVQ,
         min_points=config["min_points"],

@@ -14,6 +14,8 @@ rule train_stage1:
         f"{RESULTS}/train/{{window}}/stage1/ckpts/final.pt",
     log:
         "logs/train/{window}/stage1.log",
+    benchmark:
+        "logs/benchmark/train/{window}/stage1.tsv"
     params:
         run_dir=lambda wc: f"{RESULTS}/train/{wc.window}/stage1",
         launcher=_train_launcher,
@@ -38,6 +40,8 @@ rule train_stage2:
         f"{RESULTS}/train/{{window}}/stage2/ckpts/final.pt",
     log:
         "logs/train/{window}/stage2.log",
+    benchmark:
+        "logs/benchmark/train/{window}/stage2.tsv"
     params:
         run_dir=lambda wc: f"{RESULTS}/train/{wc.window}/stage2",
         launcher=_train_launcher,
