@@ -1,5 +1,5 @@
-"""DVC over the Snakemake stages, for real: a fresh git clone is a DVC repo; repro, no-op repeat,
-param-change rerun, push/pull round trip."""
+"""DVC over the Snakemake stages, for real, in real git clones of the project: a fresh clone is a DVC repo;
+repro, no-op repeat, push/pull round trip, params/metrics/plots across commits and an experiment."""
 
 from __future__ import annotations
 
@@ -39,23 +39,16 @@ def _all_skipped(output: str) -> bool:
 
 @pytest.fixture()
 def repo(tmp_path: Path) -> Path:
+    """A real `git clone` of the project (its committed state: dvc.yaml, .dvc/, .gitignore, the code), with
+    the demo made tiny and committed."""
     repo = tmp_path / "project"
-    repo.mkdir()
-    for rel in ("workflow", "ctvq", "configs/vqvae"):
-        shutil.copytree(ROOT / rel, repo / rel, ignore=shutil.ignore_patterns("__pycache__"))
-    # the committed DVC repository (.dvc/config, .dvc/.gitignore), not a dvc init of its own; results/ is
-    # git-ignored as in the project, so every output lives in DVC's cache
-    for rel in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"):
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, repo / rel)
-    config = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
+    _run(tmp_path, "git", "clone", "-q", str(_git_root()), str(repo))
+    config = yaml.safe_load((repo / "configs" / "pipeline.yaml").read_text())
     config.update(inputs={"phantoms": 2}, windows=["lung"], resolution=64)
     config["train"].update(max_steps=2, threads=1)
     config["evaluate"] = {"allow_collapse": True}  # 2-3 steps learn no surface; this test is about DVC
     (repo / "configs" / "pipeline.yaml").write_text(yaml.safe_dump(config))
-    _run(repo, "git", "init", "-q")
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", "init")
+    _run(repo, "git", "commit", "-qam", "tiny demo")
     return repo
 
 

@@ -189,6 +189,26 @@ def test_full_run_trains_evaluates_and_a_second_run_does_nothing(tmp_path: Path)
     assert counts["sdf"] == counts["window"] == 2 and counts["train_stage1"] == 1, counts
     assert "phantom" not in counts, counts
     assert not list((tmp_path / "results").glob("windowed/*/*.npz"))  # gone after the run above
+    at_72 = {}  # another resolution needs training configs that agree (the workflow checks it)
+    for stage in (1, 2):
+        cfg = json.loads(Path(ran["train"][f"stage{stage}_config"]).read_text())
+        cfg["dataset"]["args"]["resolution"], cfg["models"]["vqvae"]["args"]["resolution"] = 72, 9
+        at_72[f"stage{stage}_config"] = str(tmp_path / f"stage{stage}_72.json")
+        Path(at_72[f"stage{stage}_config"]).write_text(json.dumps(cfg))
+    _write_config(tmp_path, resolution=72, train={**ran["train"], **at_72})
+    counts = _job_counts(_snakemake(tmp_path, "-n", "--cores", "2").stdout)
+    assert counts["window"] == counts["index"] == 2 and counts["evaluate"] == 1 and "phantom" not in counts
+    _write_config(tmp_path, windows=["lung", "bone"])  # a window more: its chain and manifest only
+    counts = _job_counts(_snakemake(tmp_path, "-n", "--cores", "2").stdout)
+    assert counts == {"all": 1, "window": 2, "sdf": 2, "index": 2, "manifest": 1}, counts
+    _write_config(tmp_path)
+    stage2 = json.loads(Path(ran["train"]["stage2_config"]).read_text())
+    stage2["trainer"]["args"]["optimizer"]["args"]["lr"] = 0.002  # a value in a training JSON
+    edited = tmp_path / "stage2.json"
+    edited.write_text(json.dumps(stage2))
+    _write_config(tmp_path, train={**ran["train"], "stage2_config": str(edited)})
+    counts = _job_counts(_snakemake(tmp_path, "-n", "--cores", "2").stdout)
+    assert counts == {"all": 1, "evaluate": 1, "train_stage2": 1}, counts
 
 
 @pytest.mark.slow
