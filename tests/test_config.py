@@ -276,3 +276,18 @@ def test_reference_scenario_one_snippet_validates_as_written():
     }"""
     cfg = config_from_dict(json.loads(snippet))
     assert cfg.trainer.optimizer.lr == 5e-3 and cfg.trainer.lr_scheduler.T_max == 100_000
+
+
+def test_the_configuration_reference_is_generated_from_the_schema_and_up_to_date() -> None:
+    """docs/CONFIG.md is `python -m ctvq.config.reference` of this schema; every key says what it does."""
+    import dataclasses
+
+    from ctvq.config.reference import SECTIONS, reference_markdown
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "docs" / "CONFIG.md").read_text(encoding="utf-8") == reference_markdown(), (
+        "docs/CONFIG.md is stale: run `python -m ctvq.config.reference > docs/CONFIG.md`")
+    for path, cls in SECTIONS:
+        for field in dataclasses.fields(cls):
+            assert field.metadata.get("doc"), f"{path}.{field.name} has no doc in its spec()"
+            assert f"| `{field.name}` |" in reference_markdown()

@@ -60,9 +60,13 @@ def spec(
     by_name: Mapping[str, Any] | None = None,
     check: Check | None = None,
     nested: bool = False,
+    doc: str = "",
+    memory: bool = False,
 ) -> Any:
-    """Declare a config field: its default (plain, per stage or per component name) and its value check."""
-    meta = {"check": check, "stage": stage, "by_name": dict(by_name) if by_name else None, "nested": nested}
+    """Declare a config field: its default (plain, per stage or per component name), its value check, what
+    it does (``doc``, for the generated reference) and whether it changes peak memory (``memory``)."""
+    meta = {"check": check, "stage": stage, "by_name": dict(by_name) if by_name else None, "nested": nested,
+            "doc": doc, "memory": memory}
     if stage is not None or by_name is not None or default is REQUIRED:
         return dataclasses.field(metadata=meta)
     if isinstance(default, list | dict):
@@ -70,16 +74,17 @@ def spec(
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _describe(tp: Any) -> str:
+def describe_type(tp: Any) -> str:
+    """How a config type reads in messages and the reference: "an integer", "one of swin, full", ..."""
     origin = typing.get_origin(tp)
     if tp is type(None):
         return "null"
     if origin is Literal:
         return "one of " + ", ".join(show(a) for a in typing.get_args(tp))
     if origin in (types.UnionType, typing.Union):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
+        return " or ".join(describe_type(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {describe_type(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "an object"}[
         origin or tp
     ]
@@ -137,13 +142,13 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 def _mismatch_message(value: Any, tp: Any) -> str:
     note = ""
-    if isinstance(value, bool) and "true or false" not in _describe(tp):
+    if isinstance(value, bool) and "true or false" not in describe_type(tp):
         note = " (a boolean is not a number)"
     elif isinstance(value, float) and not math.isfinite(value):
         note = " (not a finite number)"
-    elif isinstance(value, float) and "an integer" in _describe(tp) and "a number" not in _describe(tp):
+    elif isinstance(value, float) and "an integer" in (kind := describe_type(tp)) and "a number" not in kind:
         note = " (write a whole number without a decimal point)"
-    return f"expected {_describe(tp)}, got {show(value)}{note}"
+    return f"expected {describe_type(tp)}, got {show(value)}{note}"
 
 
 def check_value(value: Any, tp: Any, check: Check | None, path: str, problems: Problems) -> tuple[bool, Any]:
@@ -226,9 +231,9 @@ def parse_fields(
         default = _default(f, stage, name)
         if default is REQUIRED:
             if by_name is None and f.metadata.get("stage") is None:
-                problems.add(key_path, f"required key is missing: expected {_describe(hints[f.name])}")
+                problems.add(key_path, f"required key is missing: expected {describe_type(hints[f.name])}")
             elif f.metadata.get("stage") is None:
-                problems.add(key_path, f"required for {name}: expected {_describe(hints[f.name])}")
+                problems.add(key_path, f"required for {name}: expected {describe_type(hints[f.name])}")
             unresolved.add(f.name)
         else:
             values[f.name] = default

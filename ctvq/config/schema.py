@@ -81,30 +81,68 @@ class ModelConfig:
       GPU are available, else torch).
     """
 
-    name: Literal["SparseSDFVQVAE"] = spec("SparseSDFVQVAE")
-    resolution: int = spec(64, check=at_least(1))
-    model_channels: int = spec(512, check=MODEL_CHANNELS)
-    latent_channels: int = spec(16, check=at_least(1))
-    num_blocks: int = spec(8, check=at_least(1))
-    num_embeddings: int = spec(8192, check=at_least(1))
-    num_heads: int | None = spec(None, check=at_least(1))
-    num_head_channels: int = spec(64, check=at_least(1))
-    mlp_ratio: float = spec(4.0, check=POSITIVE)
-    attn_mode: Literal["full", "shift_window", "shift_sequence", "shift_order", "swin"] = spec("swin")
-    window_size: int = spec(8, check=at_least(1))
-    pe_mode: Literal["ape", "rope"] = spec("ape")
-    use_fp16: bool = spec(False)
-    use_checkpoint: bool = spec(False)
-    chunk_size: int = spec(1, check=at_least(1))
-    qk_rms_norm: bool = spec(False)
-    representation_config: dict[str, Any] | None = spec(None, check=NO_REPRESENTATION)
+    name: Literal["SparseSDFVQVAE"] = spec("SparseSDFVQVAE",
+                                           doc="The model class: SparseSDFVQVAE (the only one).")
+    resolution: int = spec(64, check=at_least(1),
+                           doc="Side of the latent grid in cells: the dataset resolution / 8. Sizes the "
+                               "absolute position table (pe_mode ape).")
+    model_channels: int = spec(512, check=MODEL_CHANNELS,
+                               doc="Width of the encoder and decoder transformers and of the "
+                                   "first decoder level; parameters and activations grow with "
+                                   "it.", memory=True)
+    latent_channels: int = spec(16, check=at_least(1),
+                                doc="Channels of each latent cell: the length of a code vector.")
+    num_blocks: int = spec(8, check=at_least(1),
+                           doc="Transformer blocks in the encoder, and again in the decoder.", memory=True)
+    num_embeddings: int = spec(8192, check=at_least(1), doc="Number of codes in the codebook.")
+    num_heads: int | None = spec(None, check=at_least(1),
+                                 doc="Attention heads; null: model_channels / num_head_channels.")
+    num_head_channels: int = spec(64, check=at_least(1),
+                                  doc="Channels per attention head, used when num_heads is null.")
+    mlp_ratio: float = spec(4.0, check=POSITIVE,
+                            doc="Hidden width of each block's MLP, as a multiple of "
+                                "model_channels.", memory=True)
+    attn_mode: Literal["full", "shift_window", "shift_sequence", "shift_order", "swin"] = spec("swin",
+        doc="Which latent cells attend to each other: full (all: memory grows with the square "
+            "of the cell count), swin and shift_window (3D windows of window_size cells per "
+            "side, shifted every other block), shift_sequence and shift_order (windows along a "
+            "serialised order).", memory=True)
+    window_size: int = spec(8, check=at_least(1),
+                            doc="Window side in latent cells for the windowed attention modes; "
+                                "full ignores it.", memory=True)
+    pe_mode: Literal["ape", "rope"] = spec("ape",
+                                           doc="Position encoding: ape (a learned table over the latent "
+                                               "grid) or rope (rotary, relative positions).")
+    use_fp16: bool = spec(False,
+                          doc="Hold the model's weights in half precision (norms stay in fp32);"
+                              " see trainer.args.fp16_mode.", memory=True)
+    use_checkpoint: bool = spec(False,
+                                doc="Recompute the transformer blocks' activations in the "
+                                    "backward pass instead of keeping them (gradient "
+                                    "checkpointing): less activation memory, more compute.", memory=True)
+    chunk_size: int = spec(1, check=at_least(1),
+                           doc="Decode the latent grid in chunk_size^3 chunks: stage 2 decodes "
+                               "one random chunk per step, evaluation every chunk in turn; must"
+                               " divide resolution.", memory=True)
+    qk_rms_norm: bool = spec(False, doc="RMS-normalise queries and keys before attention.")
+    representation_config: dict[str, Any] | None = spec(None, check=NO_REPRESENTATION,
+        doc="Must be null: the decoder predicts one signed distance per voxel.")
     # ctvq extras
-    sdf_input_scale: float = spec(1.0, check=POSITIVE)
-    codebook_init: Literal["random", "kmeans"] = spec("kmeans")
-    codebook_update: Literal["loss", "ema"] = spec("ema")
-    codebook_ema_decay: float = spec(0.99, check=OPEN_UNIT)
-    dead_code_threshold: float = spec(0.1, check=NON_NEGATIVE)
-    sparse_backend: Literal["torch", "spconv", "auto"] = spec("auto")
+    sdf_input_scale: float = spec(1.0, check=POSITIVE,
+                                  doc="Factor on the normalised signed distance the encoder reads.")
+    codebook_init: Literal["random", "kmeans"] = spec("kmeans",
+        doc="How codes start: random (unit normal), or kmeans (k-means++ and Lloyd steps on the encoder "
+            "outputs of the first training batch).")
+    codebook_update: Literal["loss", "ema"] = spec("ema",
+        doc="How codes move: loss (gradients of the codebook loss) or ema (moving averages of the encoder "
+            "outputs assigned to each code).")
+    codebook_ema_decay: float = spec(0.99, check=OPEN_UNIT, doc="Decay of the ema codebook updates.")
+    dead_code_threshold: float = spec(0.1, check=NON_NEGATIVE,
+                                      doc="A code whose moving usage (assignments per step) falls below this "
+                                          "is restarted on a current encoder output; 0 never restarts.")
+    sparse_backend: Literal["torch", "spconv", "auto"] = spec("auto",
+        doc="Sparse convolutions: torch (pure PyTorch, everywhere), spconv (CUDA only) or auto (spconv when "
+            "it and a GPU are there).")
 
     @property
     def heads(self) -> int:
@@ -128,20 +166,41 @@ class DatasetConfig:
     item (``flips``: axis flips, ``cube``: flips and axis orders), exact on the sparse sample.
     """
 
-    name: Literal["CTWindowSparseSDF", "SparseSDF"] = spec("CTWindowSparseSDF")
-    resolution: int = spec(512, check=at_least(64))
-    window_type: Literal[(*WINDOWS, CUSTOM)] = spec("lung")  # type: ignore[valid-type]
-    min_points: int = spec(100, check=NON_NEGATIVE)
-    max_points: int = spec(stage=(100_000, 500_000), check=at_least(1))
-    cache_data: bool = spec(False)
-    precompute_sparse: bool = spec(True)
+    name: Literal["CTWindowSparseSDF", "SparseSDF"] = spec("CTWindowSparseSDF",
+        doc="The dataset class: CTWindowSparseSDF (SparseSDF is the same).")
+    resolution: int = spec(512, check=at_least(64),
+                           doc="Cube side of the samples in voxels (ctvq window --resolution); "
+                               "samples of another size are refused.", memory=True)
+    window_type: Literal[(*WINDOWS, CUSTOM)] = spec("lung",
+        doc="The HU window the samples were made with: lung, bone, soft_tissue, brain or custom; samples of "
+            "another window are refused.")  # type: ignore[valid-type]
+    min_points: int = spec(100, check=NON_NEGATIVE,
+                           doc="Cases with fewer band voxels are left out (and listed as filtered).")
+    max_points: int = spec(stage=(100_000, 500_000), check=at_least(1),
+                           doc="Cases with more band voxels are cut to a crop of whole latent "
+                               "cells holding about this many (a new seeded crop per item): the"
+                               " data size of a step.", memory=True)
+    cache_data: bool = spec(False,
+                            doc="Keep every sample in host memory after its first read instead "
+                                "of reading it again each time.", memory=True)
+    precompute_sparse: bool = spec(True,
+                                   doc="true: read the samples of ctvq index; false: build each sample from "
+                                       "its windowed volume (ctvq window) when loaded.")
     # ctvq extras
-    window_width: float | None = spec(None, check=POSITIVE)
-    window_level: float | None = spec(None)
-    band: float = spec(3.0, check=POSITIVE)
-    iso_value: float = spec(0.5, check=OPEN_UNIT)
-    seed: int = spec(0, check=NON_NEGATIVE)
-    augment: Literal[AUGMENTS] = spec("none")  # ctvq: see ctvq.data.augment
+    window_width: float | None = spec(None, check=POSITIVE,
+                                      doc="Window width in HU, for window_type custom only.")
+    window_level: float | None = spec(None, doc="Window level in HU, for window_type custom only.")
+    band: float = spec(3.0, check=POSITIVE,
+                       doc="SDF band half-width in voxels that the samples were made with (ctvq sdf --band);"
+                           " samples with another band are refused.")
+    iso_value: float = spec(0.5, check=OPEN_UNIT,
+                            doc="Surface level on the windowed 0-1 scale that the samples were made with "
+                                "(0.5: the window level).")
+    seed: int = spec(0, check=NON_NEGATIVE, doc="Seed of the max_points crops and the augmentations.")
+    augment: Literal[AUGMENTS] = spec("none",
+                                      doc="Per training item: none, flips (one of the 8 axis flips) or cube "
+                                          "(one of the 48 symmetries of the cube), exact on the sparse "
+                                          "sample.")  # ctvq: see ctvq.data.augment
 
     def window(self) -> tuple[float, float]:
         """(width, level) in HU of this dataset's window."""
@@ -163,13 +222,16 @@ class OptimizerConfig:
     Unlisted defaults follow torch: betas (0.9, 0.999), eps 1e-8, momentum 0, nesterov false.
     """
 
-    name: Literal["AdamW", "Adam", "SGD"] = spec("AdamW")
-    lr: float = spec(stage=(5e-3, 1e-4), check=POSITIVE)
-    weight_decay: float = spec(0.0, check=NON_NEGATIVE)
-    betas: tuple[float, ...] | None = spec(by_name={n: (0.9, 0.999) for n in _ADAM}, check=BETAS)
-    eps: float | None = spec(by_name={n: 1e-8 for n in _ADAM}, check=POSITIVE)
-    momentum: float | None = spec(by_name={"SGD": 0.0}, check=NON_NEGATIVE)
-    nesterov: bool | None = spec(by_name={"SGD": False})
+    name: Literal["AdamW", "Adam", "SGD"] = spec("AdamW", doc="torch.optim class: AdamW, Adam or SGD.")
+    lr: float = spec(stage=(5e-3, 1e-4), check=POSITIVE,
+                     doc="Learning rate at step 0 (trainer.args.lr is accepted as a shorthand).")
+    weight_decay: float = spec(0.0, check=NON_NEGATIVE, doc="Weight decay (decoupled for AdamW).")
+    betas: tuple[float, ...] | None = spec(by_name={n: (0.9, 0.999) for n in _ADAM}, check=BETAS,
+                                           doc="Adam's moment decays (AdamW, Adam).")
+    eps: float | None = spec(by_name={n: 1e-8 for n in _ADAM}, check=POSITIVE,
+                             doc="Adam's denominator epsilon (AdamW, Adam).")
+    momentum: float | None = spec(by_name={"SGD": 0.0}, check=NON_NEGATIVE, doc="SGD momentum.")
+    nesterov: bool | None = spec(by_name={"SGD": False}, doc="SGD with Nesterov momentum.")
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``torch.optim.<name>`` (only this optimizer's arguments)."""
@@ -192,11 +254,17 @@ class SchedulerConfig:
     (or name null) means a constant learning rate; the trainer then holds ``lr_scheduler = None``.
     """
 
-    name: Literal["CosineAnnealingLR", "ExponentialLR", "StepLR"] = spec("CosineAnnealingLR")
-    T_max: int | None = spec(by_name={"CosineAnnealingLR": 100_000}, check=at_least(1))
-    eta_min: float | None = spec(by_name={"CosineAnnealingLR": 5e-5}, check=NON_NEGATIVE)
-    gamma: float | None = spec(by_name={"ExponentialLR": 0.999, "StepLR": 0.1}, check=DECAY_FACTOR)
-    step_size: int | None = spec(by_name={"StepLR": REQUIRED}, check=at_least(1))
+    name: Literal["CosineAnnealingLR", "ExponentialLR", "StepLR"] = spec("CosineAnnealingLR",
+        doc="torch.optim.lr_scheduler class, stepped once per training step: CosineAnnealingLR, "
+            "ExponentialLR or StepLR.")
+    T_max: int | None = spec(by_name={"CosineAnnealingLR": 100_000}, check=at_least(1),
+                             doc="CosineAnnealingLR: steps of one half cosine period.")
+    eta_min: float | None = spec(by_name={"CosineAnnealingLR": 5e-5}, check=NON_NEGATIVE,
+                                 doc="CosineAnnealingLR: the lowest learning rate.")
+    gamma: float | None = spec(by_name={"ExponentialLR": 0.999, "StepLR": 0.1}, check=DECAY_FACTOR,
+                               doc="ExponentialLR: factor per step; StepLR: factor every step_size steps.")
+    step_size: int | None = spec(by_name={"StepLR": REQUIRED}, check=at_least(1),
+                                 doc="StepLR: steps between decays.")
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``torch.optim.lr_scheduler.<name>`` (only this scheduler's arguments)."""
@@ -218,9 +286,12 @@ class GradClipConfig:
     Default: AdaptiveGradClipper(max_norm 1.0, clip_percentile 95). ``grad_clip: null`` disables clipping.
     """
 
-    name: Literal["norm", "AdaptiveGradClipper"] = spec("AdaptiveGradClipper")
-    max_norm: float = spec(1.0, check=POSITIVE)
-    clip_percentile: float | None = spec(by_name={"AdaptiveGradClipper": 95.0}, check=PERCENTILE)
+    name: Literal["norm", "AdaptiveGradClipper"] = spec("AdaptiveGradClipper",
+        doc="norm (clip the gradient norm to max_norm) or AdaptiveGradClipper.")
+    max_norm: float = spec(1.0, check=POSITIVE, doc="The largest gradient norm let through.")
+    clip_percentile: float | None = spec(by_name={"AdaptiveGradClipper": 95.0}, check=PERCENTILE,
+                                         doc="AdaptiveGradClipper: clip to the smaller of max_norm and this "
+                                             "percentile of recent gradient norms.")
 
     def to_dict(self) -> float | dict[str, Any]:
         if self.name == "norm":
@@ -247,33 +318,67 @@ class TrainerConfig:
     ``ema_rate`` may be empty (no EMA copies). ctvq extra: ``seed``.
     """
 
-    name: Literal["VQVAETrainer"] = spec("VQVAETrainer")
-    training_stage: Literal[1, 2] = spec(REQUIRED)
-    pretrained_vae_path: str | None = spec(None, check=NON_EMPTY)
-    max_steps: int = spec(stage=(100_000, 200_000), check=at_least(1))
-    max_epoch: int | None = spec(None, check=at_least(1))
-    batch_size_per_gpu: int = spec(stage=(2, 1), check=at_least(1))
-    batch_split: int = spec(2, check=at_least(1))
-    num_workers: int = spec(30, check=NON_NEGATIVE)
-    loss_type: Literal[LOSS_TYPES] = spec(stage=("l1", "l1_l2"))
-    stage1_mode: Literal["codebook", "autoencoder"] = spec("codebook")  # ctvq: see config_warnings
-    recon_weighting: Literal[RECON_WEIGHTINGS] = spec("balanced")  # ctvq: see voxel_weights
-    recon_weighting_anneal_steps: int = spec(0, check=NON_NEGATIVE)  # ctvq: see Trainer.uniform_mix
-    lambda_vq: float = spec(1.0, check=NON_NEGATIVE)
-    lambda_commitment: float = spec(0.25, check=NON_NEGATIVE)
-    fp16_mode: Literal["amp", "inflat_all"] | None = spec("inflat_all")
-    fp16_scale_growth: float = spec(0.001, check=NON_NEGATIVE)
-    ema_rate: tuple[float, ...] = spec((0.9999,), check=each(OPEN_UNIT))
-    i_print: int = spec(1000, check=at_least(1))
-    i_log: int = spec(500, check=at_least(1))
-    i_sample: int = spec(10_000, check=at_least(1))
-    i_save: int = spec(10_000, check=at_least(1))
-    i_ddpcheck: int = spec(10_000, check=at_least(1))
-    disable_snapshot: bool = spec(False)
-    seed: int = spec(0, check=NON_NEGATIVE)
-    optimizer: OptimizerConfig = spec(REQUIRED, nested=True)
-    lr_scheduler: SchedulerConfig | None = spec(REQUIRED, nested=True)
-    grad_clip: GradClipConfig | None = spec(REQUIRED, nested=True)
+    name: Literal["VQVAETrainer"] = spec("VQVAETrainer",
+                                         doc="The trainer class: VQVAETrainer (the only one).")
+    training_stage: Literal[1, 2] = spec(REQUIRED,
+                                         doc="1: the codebook (stage1_mode says against what); 2: encoder, "
+                                             "decoder and codebook together, from the stage-1 checkpoint.")
+    pretrained_vae_path: str | None = spec(None, check=NON_EMPTY,
+                                           doc="Stage 1: Direct3D-S2 VAE weights, or null (no weights: see "
+                                               "stage1_mode); stage 2: the stage-1 checkpoint (required).")
+    max_steps: int = spec(stage=(100_000, 200_000), check=at_least(1),
+                          doc="Optimizer steps to train (ctvq train --max-steps overrides it).")
+    max_epoch: int | None = spec(None, check=at_least(1),
+                                 doc="Also stop after this many passes over the training cases, if sooner.")
+    batch_size_per_gpu: int = spec(stage=(2, 1), check=at_least(1),
+                                   doc="Samples per step in each process.", memory=True)
+    batch_split: int = spec(2, check=at_least(1),
+                            doc="Micro-batches per step: the batch runs in this many parts with"
+                                " gradients accumulated; must divide batch_size_per_gpu.", memory=True)
+    num_workers: int = spec(30, check=NON_NEGATIVE,
+                            doc="Data-loading worker processes (0: load in the training "
+                                "process).", memory=True)
+    loss_type: Literal[LOSS_TYPES] = spec(stage=("l1", "l1_l2"),
+                                          doc="Per-voxel reconstruction error: l1, mse, or l1_l2 (their "
+                                              "sum).")
+    stage1_mode: Literal["codebook", "autoencoder"] = spec("codebook",
+        doc="Stage 1 only: codebook (train the codebook against the frozen pretrained encoder) or "
+            "autoencoder (train encoder and decoder with the quantizer bypassed, then fit the codebook by "
+            "k-means on the encoder outputs).")  # ctvq: see config_warnings
+    recon_weighting: Literal[RECON_WEIGHTINGS] = spec("balanced",
+        doc="How decoded voxels are averaged: balanced (deep inside, band inside, band outside and far "
+            "outside each weigh a quarter), uniform (the plain mean) or band (band and sign-only voxels half"
+            " each).")  # ctvq: see voxel_weights
+    recon_weighting_anneal_steps: int = spec(0, check=NON_NEGATIVE,
+        doc="Move the weights linearly from recon_weighting to the plain mean over this many steps; 0 keeps "
+            "recon_weighting.")  # ctvq: see Trainer.uniform_mix
+    lambda_vq: float = spec(1.0, check=NON_NEGATIVE, doc="Weight of the codebook loss.")
+    lambda_commitment: float = spec(0.25, check=NON_NEGATIVE, doc="Weight of the commitment loss.")
+    fp16_mode: Literal["amp", "inflat_all"] | None = spec("inflat_all",
+        doc="Mixed precision: null (fp32), amp (autocast and a gradient scaler) or inflat_all "
+            "(fp16 weights, an fp32 master copy and a loss scale).", memory=True)
+    fp16_scale_growth: float = spec(0.001, check=NON_NEGATIVE,
+                                    doc="inflat_all: how fast the log2 loss scale grows per step without "
+                                        "overflow.")
+    ema_rate: tuple[float, ...] = spec((0.9999,), check=each(OPEN_UNIT),
+                                       doc="Decay of each exponential moving average of the "
+                                           "weights kept and saved with checkpoints (one copy "
+                                           "each; empty: none).", memory=True)
+    i_print: int = spec(1000, check=at_least(1), doc="Steps between progress lines (rate and ETA).")
+    i_log: int = spec(500, check=at_least(1), doc="Steps between rows of metrics.csv (and TensorBoard).")
+    i_sample: int = spec(10_000, check=at_least(1),
+                         doc="Steps between snapshot figures and the collapse check.")
+    i_save: int = spec(10_000, check=at_least(1), doc="Steps between checkpoints.")
+    i_ddpcheck: int = spec(10_000, check=at_least(1),
+                           doc="Steps between checks that the model replicas of a multi-process run agree.")
+    disable_snapshot: bool = spec(False, doc="Write no snapshot figures.")
+    seed: int = spec(0, check=NON_NEGATIVE, doc="Seed of initialisation, data order and crops.")
+    optimizer: OptimizerConfig = spec(REQUIRED, nested=True, doc="The optimizer: {name, args}.")
+    lr_scheduler: SchedulerConfig | None = spec(REQUIRED, nested=True,
+        doc="The learning-rate schedule: {name, args}, or null for a constant rate.")
+    grad_clip: GradClipConfig | None = spec(REQUIRED, nested=True,
+                                            doc="Gradient clipping: a number (plain norm clip), {name, "
+                                                "args}, or null for none.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "args": _args(self)}
