@@ -11,24 +11,17 @@ import dataclasses
 import typing
 from typing import Any
 
+from ctvq.config import schema
 from ctvq.config.errors import show
 from ctvq.config.fields import REQUIRED, describe_type
-from ctvq.config.schema import (
-    DatasetConfig,
-    GradClipConfig,
-    ModelConfig,
-    OptimizerConfig,
-    SchedulerConfig,
-    TrainerConfig,
-)
 
 SECTIONS: tuple[tuple[str, type], ...] = (
-    ("models.vqvae.args", ModelConfig),
-    ("dataset.args", DatasetConfig),
-    ("trainer.args", TrainerConfig),
-    ("trainer.args.optimizer.args", OptimizerConfig),
-    ("trainer.args.lr_scheduler.args", SchedulerConfig),
-    ("trainer.args.grad_clip.args", GradClipConfig),
+    ("models.vqvae.args", schema.ModelConfig),
+    ("dataset.args", schema.DatasetConfig),
+    ("trainer.args", schema.TrainerConfig),
+    ("trainer.args.optimizer.args", schema.OptimizerConfig),
+    ("trainer.args.lr_scheduler.args", schema.SchedulerConfig),
+    ("trainer.args.grad_clip.args", schema.GradClipConfig),
 )
 _NESTED = {"optimizer": "trainer.args.optimizer", "lr_scheduler": "trainer.args.lr_scheduler",
            "grad_clip": "trainer.args.grad_clip"}
