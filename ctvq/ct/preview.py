@@ -54,7 +54,7 @@ def orient(cube: np.ndarray, affine: np.ndarray, view: str, index: int) -> View:
     axis_of, sign = patient_axes(affine)
     cube_axis = {int(p): a for a, p in enumerate(axis_of)}
     k, h, v = cube_axis[normal], cube_axis[across], cube_axis[down]
-    plane = np.take(cube, index, axis=k)
+    plane = cube[(slice(None),) * k + (index,)]  # a view: np.take along an axis copies the whole cube
     rest = [a for a in range(3) if a != k]
     image = plane if rest.index(v) == 0 else plane.T  # rows: vertical cube axis, columns: horizontal
     if sign[h] < 0:  # the horizontal patient coordinate grows to the right

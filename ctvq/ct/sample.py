@@ -76,11 +76,12 @@ class FigurePlanes:
     def of(cls, values: np.ndarray, centre: np.ndarray) -> FigurePlanes:
         """The planes of a windowed cube (values in [0, 1]) through ``centre``."""
         centre = np.clip(np.asarray(centre, dtype=np.int64), 0, np.asarray(values.shape) - 1)
-        planes = np.stack([np.take(values, int(centre[k]), axis=k) for k in range(3)])
+        x, y, z = (int(c) for c in centre)  # basic slicing: np.take along an axis copies the whole cube
+        planes = np.stack([values[x], values[:, y], values[:, :, z]])
         return cls(centre, np.round(np.clip(planes, 0.0, 1.0) * 255).astype(np.uint8))
 
     def plane(self, axis: int) -> np.ndarray:
-        """Plane ``axis`` as float32 in [0, 1] (as ``np.take(cube, centre[axis], axis)``)."""
+        """Plane ``axis`` as float32 in [0, 1] (the cube's slice at ``centre[axis]`` along ``axis``)."""
         return self.planes[axis].astype(np.float32) / np.float32(255.0)
 
     def problem(self, resolution: int) -> str | None:

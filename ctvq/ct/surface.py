@@ -126,7 +126,7 @@ def island_flips(inside: np.ndarray, min_voxels: int
     is_inside = np.zeros(count + 1, dtype=bool)
     is_inside[labels[sides == 2]] = True
     del sides
-    small = np.bincount(labels.ravel(order="K"), minlength=count + 1) < min_voxels
+    small = _label_counts(labels, count) < min_voxels
     small[0] = False
     for face in (labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]):
         border = np.unique(face)
@@ -135,6 +135,20 @@ def island_flips(inside: np.ndarray, min_voxels: int
     if not (removed or filled):
         return box, None, 0, 0  # type: ignore[return-value]
     return box, small[labels], removed, filled  # type: ignore[return-value]
+
+
+def _label_counts(labels: np.ndarray, count: int) -> np.ndarray:
+    """Voxels per label (0 .. count), in slabs of 4 M voxels: one np.bincount of the whole array first
+    casts it to int64, a temporary 2x its size that costs more than the counting (0.8 s against 0.2 s at
+    80 M voxels)."""
+    flat = labels.ravel(order="K")  # a view: cc3d's labels are contiguous
+    counts = np.zeros(count + 1, dtype=np.int64)
+    for start in range(0, flat.size, _SLAB):
+        counts += np.bincount(flat[start:start + _SLAB], minlength=count + 1)
+    return counts
+
+
+_SLAB = 1 << 22
 
 
 def _box(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

@@ -33,8 +33,8 @@ def box_slice(box: DenseBox, axis: int, index: int, size: int) -> np.ma.MaskedAr
     known = np.zeros((size, size), dtype=bool)
     local = index - int(box.origin[axis])
     if 0 <= local < box.values.shape[axis]:
-        v = np.take(box.values, local, axis=axis)
-        k = np.take(box.known, local, axis=axis)
+        v = box.values[(slice(None),) * axis + (local,)]
+        k = box.known[(slice(None),) * axis + (local,)]
         lo = box.origin[other]
         src = [slice(max(0, -lo[i]), min(v.shape[i], size - lo[i])) for i in range(2)]
         dst = [slice(lo[i] + src[i].start, lo[i] + src[i].stop) for i in range(2)]
