@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from quality import set_key  # bench/ is the script's folder, so its sibling imports by name
+
 BASE = Path(__file__).resolve().parents[1] / "configs" / "vqvae" / "stage2.json"
 RESOLUTION = 256
 # knob -> the dotted config changes that turn it; the reference's OOM chapter order, then its other two
@@ -93,11 +95,7 @@ def config_for(changes: dict[str, Any], points: int, stage1: Path, path: Path) -
     cfg["trainer"]["args"].update(pretrained_vae_path=str(stage1), fp16_mode=None, num_workers=0,
                                   ema_rate=[], disable_snapshot=True)
     for dotted, value in changes.items():
-        node = cfg
-        *parents, key = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[key] = value
+        set_key(cfg, dotted, value)
     path.write_text(json.dumps(cfg))
     return path
 
