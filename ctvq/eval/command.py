@@ -71,8 +71,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"surface points sampled per mesh for Chamfer/F-score (default {DEFAULT_POINTS})")
     p.add_argument("--seed", type=int, default=0, help="surface sampling seed (default 0)")
     p.add_argument("--windowed-dir", type=Path,
-                   help="folder of windowed volumes for the figures' background (default: ../windowed next "
-                        "to the samples, as `ctvq demo` lays them out; without one the input SDF is shown)")
+                   help="for samples made before they carried their own CT planes: the folder of windowed "
+                        "volumes for the figures' background (default: ../windowed next to the samples, as "
+                        "`ctvq demo` lays them out; without either the input SDF is shown)")
     p.add_argument("--train-log", type=Path, nargs="+", metavar="CSV",
                    help="metrics.csv of the training runs for the curves, in training order (stage 1, then "
                         "stage 2: one curve, steps continued; default: the checkpoint's own run's)")
