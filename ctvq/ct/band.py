@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctvq.ct.errors import CTInputError
-from ctvq.ct.sample import CELL_VOXELS, LATENT_STRIDE, FigurePlanes
+from ctvq.ct.sample import CELL_VOXELS, LATENT_STRIDE, FigurePlanes, band_centre
 from ctvq.ct.sdf import narrow_band_sdf
 from ctvq.ct.surface import RAW, SurfaceSettings, island_flips, island_voxels
 from ctvq.ct.volume_file import (
@@ -145,7 +145,7 @@ def band_and_inside(volume: WindowedVolume, band: float = 3.0, iso_value: float 
     inside = np.greater(values, iso_value)
     bits = np.packbits(cell_masks(inside, latent).reshape(-1, CELL_VOXELS), axis=1)
     sdf = np.clip(distance / np.float32(band), -1.0, 1.0).astype(np.float32)
-    planes = FigurePlanes.of(volume.values, np.round(coords.mean(axis=0)).astype(np.int64))
+    planes = FigurePlanes.of(volume.values, band_centre(coords))
     return BandField(coords=coords, sdf=sdf, latent_coords=latent, inside_bits=bits, band=float(band),
                      iso_value=float(iso_value), resolution=res, affine=volume.affine, window=volume.window,
                      case_id=volume.case_id, source=volume.source, spacing=volume.spacing,

@@ -6,7 +6,7 @@ import numpy as np
 
 from ctvq.ct.band import BandField, flat_cells, occupied_cells
 from ctvq.ct.errors import CTInputError
-from ctvq.ct.sample import SparseSample, on_sdf_steps
+from ctvq.ct.sample import CELL_VOXELS, SparseSample, local_index, on_sdf_steps
 from ctvq.ct.volume_file import extent_or_cube
 
 
@@ -16,8 +16,7 @@ def build_index(field: BandField) -> SparseSample:
     The key cell * 512 + local index is unique per voxel, so an unstable (faster) sort gives the order.
     """
     cells = flat_cells(field.coords, field.resolution)
-    local = field.coords.astype(np.int64) % 8
-    order = np.argsort(cells * 512 + (local[:, 0] * 64 + local[:, 1] * 8 + local[:, 2]))
+    order = np.argsort(cells * CELL_VOXELS + local_index(field.coords))
     cells = cells[order]
     side = field.resolution // 8
     latent_ids = (field.latent_coords[:, 0].astype(np.int64) * side + field.latent_coords[:, 1]) * side \

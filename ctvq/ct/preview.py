@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ctvq.atomic import atomic_output
-from ctvq.ct.sample import SparseSample
+from ctvq.ct.sample import SparseSample, band_centre
 
 FIGURE_INCHES = (12.0, 4.4)
 DPI = 80  # the PNG is FIGURE_INCHES * DPI pixels: 960 x 352
@@ -141,7 +141,7 @@ def dense_sdf(sample: SparseSample) -> np.ndarray:
 def save_preview(values: np.ndarray, sample: SparseSample, path: str | os.PathLike) -> None:
     """The window preview through the band's centre, band in colour and its zero level as a line."""
     sdf = dense_sdf(sample)
-    centre = np.round(sample.coords.mean(axis=0)).astype(int) if sample.num_points else \
+    centre = band_centre(sample.coords) if sample.num_points else \
         np.full(3, sample.resolution // 2)
     fig, axes = _figure()
     axis_of, _ = patient_axes(sample.affine)

@@ -186,13 +186,23 @@ def decoder_targets(sample: SparseSample) -> np.ndarray:
     return target
 
 
+def local_index(coords: np.ndarray) -> np.ndarray:
+    """Each voxel's index within its latent cell, (x % 8) * 64 + (y % 8) * 8 + z % 8 (int64): the order of
+    the voxels within a cell, and what version 4 stores instead of the coordinates."""
+    local = np.asarray(coords).astype(np.int64) % LATENT_STRIDE
+    return (local[:, 0] * LATENT_STRIDE + local[:, 1]) * LATENT_STRIDE + local[:, 2]
+
+
+def band_centre(coords: np.ndarray) -> np.ndarray:
+    """The voxel nearest the mean of the band voxels (int64): where the figures' planes cross."""
+    return np.round(np.asarray(coords).mean(axis=0)).astype(np.int64)
+
+
 def save_sample(sample: SparseSample, path: str | os.PathLike) -> None:
     """Write atomically: a killed or failed write leaves no partial file at ``path``."""
     sample.validate(str(path))
     payload = {name: getattr(sample, name) for name in _ARRAYS if name not in _STORED_SINCE_V4}
-    local = sample.coords.astype(np.int64) % LATENT_STRIDE
-    payload["local_index"] = ((local[:, 0] * LATENT_STRIDE + local[:, 1]) * LATENT_STRIDE
-                              + local[:, 2]).astype(np.uint16)
+    payload["local_index"] = local_index(sample.coords).astype(np.uint16)
     payload["sdf_steps"] = _to_steps(sample.sdf)
     payload.update({name: np.asarray(getattr(sample, name)) for name in _SCALARS})
     payload["format_version"] = np.asarray(FORMAT_VERSION)

@@ -31,7 +31,14 @@ import pandas as pd
 
 from ctvq.atomic import atomic_output, atomic_write_text
 from ctvq.ct.case_id import case_id_problem
-from ctvq.ct.sample import FigurePlanes, SparseSample, decoder_targets, load_figure_planes, load_sample
+from ctvq.ct.sample import (
+    FigurePlanes,
+    SparseSample,
+    band_centre,
+    decoder_targets,
+    load_figure_planes,
+    load_sample,
+)
 from ctvq.ct.splits import SPLITS
 from ctvq.ct.volume_file import load_windowed
 from ctvq.data.datasets import DatasetError, read_manifest
@@ -255,7 +262,7 @@ def _write_case_outputs(result: CaseEvaluation, case: EvalCase, sample: SparseSa
         write_ply(result.recon_mesh, output_dir / "meshes" / f"{name}_recon.ply")
     if figures:
         planes = figure_planes_for(case.path, sample, windowed_dir)
-        centre = planes.centre if planes is not None else np.round(sample.coords.mean(axis=0)).astype(int)
+        centre = planes.centre if planes is not None else band_centre(sample.coords)
         keys = ("sdf_mae_mm", "chamfer_l1_mm", "fscore_1mm", "occupancy_iou")
         summary = {k: result.metrics[k] for k in keys}
         save_case_figure(output_dir / "figures" / f"{name}.png", name, result.input_box, result.recon_box,
@@ -269,8 +276,7 @@ def figure_planes_for(path: Path, sample: SparseSample, windowed_dir: Path | Non
     if planes is None:
         windowed = windowed_path_for(path, windowed_dir)
         if windowed.is_file():
-            planes = FigurePlanes.of(load_windowed(windowed).values,
-                                     np.round(sample.coords.mean(axis=0)).astype(np.int64))
+            planes = FigurePlanes.of(load_windowed(windowed).values, band_centre(sample.coords))
     return planes
 
 
