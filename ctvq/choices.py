@@ -7,5 +7,6 @@ data code all read the values here, and no package has to import another for the
 LOSS_TYPES: tuple[str, ...] = ("mse", "l1", "l1_l2")
 RECON_WEIGHTINGS: tuple[str, ...] = ("uniform", "balanced", "band")
 AUGMENTS: tuple[str, ...] = ("none", "flips", "cube")  # ctvq.data.augment
+ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "flash_attn", "xformers")  # ctvq.sparse.attention
 
-__all__ = ["AUGMENTS", "LOSS_TYPES", "RECON_WEIGHTINGS"]
+__all__ = ["ATTENTION_BACKENDS", "AUGMENTS", "LOSS_TYPES", "RECON_WEIGHTINGS"]

@@ -30,7 +30,8 @@ def batch_and_distances() -> tuple[dict, list[np.ndarray]]:
 def tiny_model(**overrides) -> SparseSDFVQVAE:
     torch.manual_seed(0)
     kwargs = dict(resolution=4, model_channels=32, latent_channels=4, num_blocks=1, num_embeddings=16,
-                  num_head_channels=16, window_size=2)
+                  num_head_channels=16, window_size=2, codebook_init="random", codebook_update="loss",
+                  dead_code_threshold=0.0)
     model = SparseSDFVQVAE(**{**kwargs, **overrides})
     # Direct3D-S2 zero-initialises both output layers; give them values so gradients reach every layer.
     for layer in (model.encoder.out_layer, model.decoder.out_layer):
@@ -192,6 +193,48 @@ def test_group_count_and_model_channel_checks():
         "kind": "sdf"}
     with pytest.raises(ValueError, match="representation_config must be a dict or null"):
         tiny_model(representation_config="sdf")
+
+
+def test_sdf_channels_set_the_widths_of_the_full_half_and_quarter_resolution_blocks(batch):
+    data, _ = batch
+    default = tiny_model()
+    assert default.decoder.out_layer.weight.shape == (1, 2)  # model_channels 32 / 16
+    wide = tiny_model(sdf_channels=[8, 12, 16])
+    enc, dec = wide.encoder, wide.decoder
+    assert enc.input_layer1.weight.shape == (8, 1)
+    assert [(b.channels, b.out_channels) for b in enc.downsample] == [(8, 12), (12, 16), (16, 32)]
+    assert [(b.channels, b.out_channels) for b in dec.upsample] == [(32, 16), (16, 12), (12, 8)]
+    assert dec.out_layer.weight.shape == (1, 8)
+    out = wide(data, loss_type="l1")
+    assert out["recon"].num_voxels == 512 * data["latent_coords"].shape[0]
+    for bad in ([8, 12], [8, 0, 16], [8, 12.5, 16]):
+        with pytest.raises(ValueError, match="sdf_channels=.* must be 3 positive ints"):
+            tiny_model(sdf_channels=bad)
+
+
+def test_constructor_defaults_are_the_config_schema_defaults_and_typos_are_refused():
+    from ctvq.config.schema import ModelConfig
+
+    model = SparseSDFVQVAE(resolution=4, model_channels=32, latent_channels=4, num_blocks=1,
+                           num_embeddings=16, num_head_channels=16, window_size=2)
+    schema = ModelConfig()
+    assert model.quantizer.init_mode == schema.codebook_init == "kmeans"
+    assert model.quantizer.update_mode == schema.codebook_update == "ema"
+    assert model.quantizer.dead_code_threshold == schema.dead_code_threshold
+    assert model.config["attention_backend"] == "sdpa" and model.config["sdf_channels"] is None
+    with pytest.raises(TypeError, match="'num_block' \\(did you mean 'num_blocks'\\?\\)"):
+        SparseSDFVQVAE(num_block=2)
+
+
+def test_an_attention_backend_whose_package_is_missing_is_refused_when_the_model_is_built():
+    import importlib.util
+
+    missing = [b for b, module in (("xformers", "xformers"), ("flash_attn", "flash_attn"))
+               if importlib.util.find_spec(module) is None]
+    if not missing:
+        pytest.skip("flash-attn and xformers are both installed")
+    with pytest.raises(ImportError, match=f"attention backend '{missing[0]}' needs the"):
+        tiny_model(attention_backend=missing[0])
 
 
 def test_balanced_weighting_gives_each_target_group_an_equal_share():

@@ -10,6 +10,12 @@ import torch
 from ctvq.models.quantizer import VectorQuantizer, code_statistics, kmeans_codebook, nearest_code
 
 
+def quantizer(num_embeddings: int, dim: int, **kwargs) -> VectorQuantizer:
+    """The plainest quantizer (random init, loss updates, no restarts) unless a test asks otherwise."""
+    plain = dict(init="random", update="loss", ema_decay=0.99, dead_code_threshold=0.0)
+    return VectorQuantizer(num_embeddings, dim, **{**plain, **kwargs})
+
+
 def clustered(n_per: int, centres: torch.Tensor, spread: float, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     parts = [c + spread * torch.randn(n_per, centres.shape[1], generator=gen) for c in centres]
@@ -41,7 +47,7 @@ def test_usage_and_perplexity_of_known_assignments():
 
 def test_straight_through_passes_identity_gradient_and_losses_match_definitions():
     torch.manual_seed(0)
-    vq = VectorQuantizer(16, 4)
+    vq = quantizer(16, 4)
     z = torch.randn(50, 4, requires_grad=True)
     out = vq(z)
     codes = vq.codebook[out.indices]
@@ -56,7 +62,7 @@ def test_straight_through_passes_identity_gradient_and_losses_match_definitions(
 
 def test_codebook_loss_trains_codebook_and_commitment_loss_trains_encoder_only():
     torch.manual_seed(0)
-    vq = VectorQuantizer(16, 4)
+    vq = quantizer(16, 4)
     z = torch.randn(50, 4, requires_grad=True)
     vq(z).codebook_loss.backward()
     assert z.grad is None or float(z.grad.abs().sum()) == 0.0
@@ -75,7 +81,7 @@ def test_kmeans_init_lowers_quantisation_error_on_clustered_data():
     errors = {}
     for init in ("random", "kmeans"):
         torch.manual_seed(1)
-        vq = VectorQuantizer(16, 4, init=init)
+        vq = quantizer(16, 4, init=init)
         assert bool(vq.initialised) == (init == "random")
         vq.train()
         vq(data)  # first training batch: k-means runs here when init="kmeans"
@@ -96,7 +102,7 @@ def test_kmeans_codebook_handles_fewer_vectors_than_codes():
 def test_ema_update_moves_codes_toward_their_cluster_means():
     centres = torch.tensor([[5.0, 0.0], [-5.0, 0.0]])
     data = clustered(200, centres, 0.05)
-    vq = VectorQuantizer(2, 2, update="ema", ema_decay=0.8)
+    vq = quantizer(2, 2, update="ema", ema_decay=0.8)
     assert not vq.codebook.requires_grad  # EMA mode: the optimizer never touches the codebook
     vq.embedding.weight.data = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
     vq.train()
@@ -111,7 +117,7 @@ def test_ema_update_moves_codes_toward_their_cluster_means():
 def test_dead_codes_are_restarted_from_current_encoder_outputs():
     torch.manual_seed(0)
     data = clustered(100, torch.tensor([[10.0, 10.0], [-10.0, 10.0]]), 0.1)
-    vq = VectorQuantizer(8, 2, dead_code_threshold=1.0)
+    vq = quantizer(8, 2, dead_code_threshold=1.0)
     vq.embedding.weight.data = torch.zeros(8, 2)
     vq.embedding.weight.data[0] = torch.tensor([10.0, 10.0])  # takes the first cluster
     vq.train()
@@ -126,7 +132,7 @@ def test_dead_codes_are_restarted_from_current_encoder_outputs():
 
 def test_dead_code_threshold_zero_never_restarts():
     data = torch.ones(20, 2)
-    vq = VectorQuantizer(8, 2, dead_code_threshold=0.0)
+    vq = quantizer(8, 2, dead_code_threshold=0.0)
     before = vq.codebook.detach().clone()
     vq.train()
     assert vq(data).num_restarted == 0
@@ -134,15 +140,15 @@ def test_dead_code_threshold_zero_never_restarts():
 
 
 def test_state_dict_layout_does_not_depend_on_options():
-    plain = VectorQuantizer(8, 2)
-    fancy = VectorQuantizer(8, 2, init="kmeans", update="ema", dead_code_threshold=2.0)
+    plain = quantizer(8, 2)
+    fancy = quantizer(8, 2, init="kmeans", update="ema", dead_code_threshold=2.0)
     def layout(m: VectorQuantizer) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in m.state_dict().items()}
 
     assert layout(plain) == layout(fancy)
     fancy.train()
     fancy(torch.randn(40, 2))
-    restored = VectorQuantizer(8, 2, init="kmeans")
+    restored = quantizer(8, 2, init="kmeans")
     restored.load_state_dict(fancy.state_dict())
     assert bool(restored.initialised)  # a loaded k-means codebook is not re-initialised
     restored.train()
@@ -158,11 +164,11 @@ def test_state_dict_layout_does_not_depend_on_options():
 )
 def test_bad_options_are_rejected_with_the_option_name(kwargs, word):
     with pytest.raises(ValueError, match=word):
-        VectorQuantizer(8, 2, **kwargs)
+        quantizer(8, 2, **kwargs)
 
 
 def test_lookup_rejects_out_of_range_indices():
-    vq = VectorQuantizer(8, 2)
+    vq = quantizer(8, 2)
     assert vq.lookup(torch.tensor([0, 7])).shape == (2, 2)
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         vq.lookup(torch.tensor([8]))
@@ -171,7 +177,7 @@ def test_lookup_rejects_out_of_range_indices():
 def test_assignment_stays_float32_under_autocast():
     gen = torch.Generator().manual_seed(5)
     z = torch.randn(500, 8, generator=gen)
-    vq = VectorQuantizer(256, 8).eval()
+    vq = quantizer(256, 8).eval()
     vq.embedding.weight.data = z[:256] + 1e-3 * torch.randn(256, 8, generator=gen)  # near-ties everywhere
     expected = torch.cdist(z.double(), vq.codebook.detach().double()).argmin(dim=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):

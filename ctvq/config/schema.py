@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from ctvq.choices import AUGMENTS, LOSS_TYPES, RECON_WEIGHTINGS
+from ctvq.choices import ATTENTION_BACKENDS, AUGMENTS, LOSS_TYPES, RECON_WEIGHTINGS
 from ctvq.config.fields import (
     DECAY_FACTOR,
     NON_EMPTY,
@@ -39,6 +39,8 @@ _ADAM = ("AdamW", "Adam")
 MODEL_CHANNELS = Check(lambda v: v >= 16 and v % 16 == 0,
                        "must be a positive multiple of 16 (the decoder's upsampling uses model_channels/4, "
                        "/8 and /16 channels); Direct3D-S2 uses 512")
+SDF_CHANNELS = Check(lambda v: len(v) == 3 and all(c >= 1 for c in v),
+                     "must be 3 positive ints (full, half and quarter resolution), or null")
 NO_REPRESENTATION = Check(lambda v: v is None,
                           "must be null: ctvq's decoder predicts one signed distance per voxel and reads no "
                           "representation config (a value here would be ignored)")
@@ -143,6 +145,14 @@ class ModelConfig:
     sparse_backend: Literal["torch", "spconv", "auto"] = spec("auto",
         doc="Sparse convolutions: torch (pure PyTorch, everywhere), spconv (CUDA only) or auto (spconv when "
             "it and a GPU are there).")
+    attention_backend: Literal[ATTENTION_BACKENDS] = spec("sdpa",
+        doc="The attention kernel: sdpa (PyTorch's scaled_dot_product_attention, everywhere), flash_attn or "
+            "xformers (their variable-length CUDA kernels; the package must be installed, checked when the "
+            "model is built).")
+    sdf_channels: tuple[int, ...] | None = spec(None, check=SDF_CHANNELS,
+        doc="Channels of the encoder's and decoder's sdf blocks at full, half and quarter resolution, e.g. "
+            "[16, 32, 64]; null: model_channels/16, /8, /4 (Direct3D-S2's layout, which pretrained weights "
+            "need). At a narrow model the default leaves 4 channels per full-resolution voxel.", memory=True)
 
     @property
     def heads(self) -> int:

@@ -10,7 +10,6 @@ random ``.pt``) is refused with one line saying what it is and what to pass inst
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 from ctvq.config import ConfigError, load_config
 from ctvq.ct.sample import LATENT_STRIDE
 from ctvq.device import resolve_device
-from ctvq.models.vqvae import SparseSDFVQVAE
+from ctvq.models.vqvae import SparseSDFVQVAE, model_defaults
 from ctvq.train.checkpoint import CheckpointError, load_file
 
 CODEBOOK_KEY = "quantizer.embedding.weight"
@@ -85,10 +84,6 @@ class LoadedModel:
         return hashlib.sha256(weight.numpy().tobytes()).hexdigest()
 
 
-def _constructor_args() -> set[str]:
-    return {k for k in inspect.signature(SparseSDFVQVAE.__init__).parameters if k != "self"}
-
-
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """The VQ-VAE of a ctvq checkpoint, strictly loaded, in eval mode."""
     device = resolve_device(device) if isinstance(device, str) else device
@@ -117,7 +112,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
         raise EvalInputError(f"{path}: not written by `ctvq train` (no 'ctvq' block or model params); "
                              "pass <run>/ckpts/final.pt")
     params = dict(config["params"])
-    unknown = sorted(set(params) - _constructor_args())
+    unknown = sorted(set(params) - set(model_defaults()))
     if unknown:
         raise EvalInputError(f"{path}: model params {unknown} unknown to this ctvq's SparseSDFVQVAE")
     params["sparse_backend"] = "auto"  # a checkpoint trained with spconv must still evaluate on CPU

@@ -1,8 +1,8 @@
 """Sparse SDF decoder, laid out like Direct3D-S2's ``SparseSDFDecoder`` so its weights load strictly.
 
 latent [M, latent] at 64³ -> Linear(latent -> mc) -> position embedding -> transformer blocks -> three
-subdivide blocks (conv3, SiLU, 8 children, conv3, SiLU; mc -> mc/4 -> mc/8 -> mc/16) -> Linear(mc/16 -> 1)
--> tanh. Every latent voxel decodes to all 512 of its children (no pruning, as Direct3D-S2).
+subdivide blocks (conv3, SiLU, 8 children, conv3, SiLU; mc -> mc/4 -> mc/8 -> mc/16, or ``sdf_channels``)
+-> Linear(-> 1) -> tanh. Every latent voxel decodes to all 512 of its children (no pruning, as Direct3D-S2).
 
 The work is split in two so the model can chunk the second half: ``features`` (input layer + transformer,
 global) and ``head`` (upsampling + output, local: receptive field < 3 latent voxels, no normalisation).
@@ -10,11 +10,14 @@ global) and ``head`` (upsampling + output, local: receptive field < 3 latent vox
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ctvq.models.encoder import check_model_channels, init_linear_layers, transformer_blocks
+from ctvq.models.encoder import init_linear_layers, sdf_block_channels
+from ctvq.models.torso import TransformerSettings, transformer_blocks
 from ctvq.sparse import SparseConv3d, SparseLinear, SparseSiLU, SparseSubdivide, SparseTanh, SparseTensor
 from ctvq.sparse.attention import AbsolutePositionEmbedder
 
@@ -44,39 +47,25 @@ class SparseSDFDecoder(nn.Module):
     """[M, latent] at the latent resolution -> [M * 512, 1] sdf in [-1, 1] at 8x the resolution."""
 
     def __init__(
-        self,
-        model_channels: int = 512,
-        latent_channels: int = 16,
-        num_blocks: int = 4,
-        num_heads: int | None = None,
-        num_head_channels: int | None = 64,
-        mlp_ratio: float = 4.0,
-        attn_mode: str = "swin",
-        window_size: int = 8,
-        pe_mode: str = "ape",
-        use_checkpoint: bool = False,
-        qk_rms_norm: bool = False,
+        self, settings: TransformerSettings, latent_channels: int, sdf_channels: Sequence[int] | None
     ) -> None:
         super().__init__()
-        check_model_channels(model_channels)
-        mc = model_channels
+        c_full, c_half, c_quarter = sdf_block_channels(settings.model_channels, sdf_channels)
+        mc = settings.model_channels
         self.model_channels = mc
         self.latent_channels = latent_channels
         self.dtype = torch.float32
         self.input_layer = SparseLinear(latent_channels, mc)
-        self.pos_embedder = AbsolutePositionEmbedder(mc) if pe_mode == "ape" else None
-        self.blocks = transformer_blocks(
-            mc, num_blocks, num_heads, num_head_channels, mlp_ratio, attn_mode, window_size, pe_mode,
-            use_checkpoint, qk_rms_norm,
-        )
+        self.pos_embedder = AbsolutePositionEmbedder(mc) if settings.pe_mode == "ape" else None
+        self.blocks = transformer_blocks(settings)
         self.upsample = nn.ModuleList(
             [
-                SparseSubdivideBlock3d(mc, mc // 4, use_checkpoint),
-                SparseSubdivideBlock3d(mc // 4, mc // 8, use_checkpoint),
-                SparseSubdivideBlock3d(mc // 8, mc // 16, use_checkpoint),
+                SparseSubdivideBlock3d(mc, c_quarter, settings.use_checkpoint),
+                SparseSubdivideBlock3d(c_quarter, c_half, settings.use_checkpoint),
+                SparseSubdivideBlock3d(c_half, c_full, settings.use_checkpoint),
             ]
         )
-        self.out_layer = SparseLinear(mc // 16, 1)
+        self.out_layer = SparseLinear(c_full, 1)
         self.out_active = SparseTanh()
         init_linear_layers(self)
         nn.init.zeros_(self.out_layer.weight)

@@ -13,10 +13,13 @@ every GroupNorm has 32 groups, as in the pretrained model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ctvq.models.torso import TransformerSettings, transformer_blocks
 from ctvq.sparse import (
     SparseConv3d,
     SparseDownsample,
@@ -25,12 +28,7 @@ from ctvq.sparse import (
     SparseSiLU,
     SparseTensor,
 )
-from ctvq.sparse.attention import (
-    AbsolutePositionEmbedder,
-    SparseTransformerBlock,
-    block_attention_args,
-    resolve_num_heads,
-)
+from ctvq.sparse.attention import AbsolutePositionEmbedder
 from ctvq.sparse.attention.modules import layer_norm_no_affine
 
 MAX_GROUPS = 32
@@ -50,6 +48,24 @@ def check_model_channels(model_channels: int) -> None:
             f"model_channels={model_channels} must be a positive multiple of 16 (the sdf blocks use "
             "model_channels/16, /8 and /4 channels); Direct3D-S2 uses 512"
         )
+
+
+def sdf_block_channels(model_channels: int, sdf_channels: Sequence[int] | None) -> tuple[int, int, int]:
+    """Channels of the sdf blocks at full, half and quarter resolution (the latent level has mc).
+
+    None is Direct3D-S2's layout, mc/16, mc/8, mc/4: at the 512 model 32/64/128, but at a narrow model only
+    4/8/16, so every full-resolution voxel is described by 4 numbers. A narrow transformer with wider sdf
+    blocks decouples the two (pretrained weights need the default).
+    """
+    check_model_channels(model_channels)
+    if sdf_channels is None:
+        return model_channels // 16, model_channels // 8, model_channels // 4
+    chans = tuple(sdf_channels)
+    if len(chans) != 3 or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in chans):
+        raise ValueError(
+            f"sdf_channels={list(chans)} must be 3 positive ints (full, half and quarter resolution) or null"
+        )
+    return chans  # type: ignore[return-value]
 
 
 class SparseDownBlock3d(nn.Module):
@@ -84,43 +100,6 @@ class SparseDownBlock3d(nn.Module):
         return self._body(x)
 
 
-def transformer_blocks(
-    model_channels: int,
-    num_blocks: int,
-    num_heads: int | None,
-    num_head_channels: int | None,
-    mlp_ratio: float,
-    attn_mode: str,
-    window_size: int,
-    pe_mode: str,
-    use_checkpoint: bool,
-    qk_rms_norm: bool,
-) -> nn.ModuleList:
-    """The shared transformer torso of encoder and decoder (swin shifts on odd blocks, etc.)."""
-    if pe_mode not in ("ape", "rope"):
-        raise ValueError(f"pe_mode={pe_mode!r}; use 'ape' or 'rope'")
-    heads = resolve_num_heads(model_channels, num_heads, num_head_channels)
-    blocks = []
-    for i in range(num_blocks):
-        args = block_attention_args(attn_mode, window_size, i)  # type: ignore[arg-type]
-        blocks.append(
-            SparseTransformerBlock(
-                model_channels,
-                heads,
-                mlp_ratio=mlp_ratio,
-                attn_mode=args.attn_mode,
-                window_size=args.window_size,
-                shift_window=args.shift_window,
-                shift_sequence=args.shift_sequence,
-                serialize_mode=args.serialize_mode,
-                use_checkpoint=use_checkpoint,
-                qk_rms_norm=qk_rms_norm,
-                use_rope=pe_mode == "rope",
-            )
-        )
-    return nn.ModuleList(blocks)
-
-
 def init_linear_layers(module: nn.Module) -> None:
     """Direct3D-S2's init: Xavier-uniform weights and zero biases for every linear layer."""
     for sub in module.modules():
@@ -142,40 +121,27 @@ class SparseSDFEncoder(nn.Module):
     """sdf voxels at 8x the latent resolution -> [M, 2 * latent_channels] at the latent resolution."""
 
     def __init__(
-        self,
-        model_channels: int = 512,
-        latent_channels: int = 16,
-        num_blocks: int = 4,
-        num_heads: int | None = None,
-        num_head_channels: int | None = 64,
-        mlp_ratio: float = 4.0,
-        attn_mode: str = "swin",
-        window_size: int = 8,
-        pe_mode: str = "ape",
-        use_checkpoint: bool = False,
-        qk_rms_norm: bool = False,
+        self, settings: TransformerSettings, latent_channels: int, sdf_channels: Sequence[int] | None
     ) -> None:
         super().__init__()
-        check_model_channels(model_channels)
+        model_channels, pe_mode = settings.model_channels, settings.pe_mode
+        c_full, c_half, c_quarter = sdf_block_channels(model_channels, sdf_channels)
         mc = model_channels
         self.model_channels = mc
         self.latent_channels = latent_channels
         self.pe_mode = pe_mode
         self.dtype = torch.float32
-        self.input_layer1 = SparseLinear(1, mc // 16)
+        self.input_layer1 = SparseLinear(1, c_full)
         self.downsample = nn.ModuleList(
             [
-                SparseDownBlock3d(mc // 16, mc // 8, use_checkpoint),
-                SparseDownBlock3d(mc // 8, mc // 4, use_checkpoint),
-                SparseDownBlock3d(mc // 4, mc, use_checkpoint),
+                SparseDownBlock3d(c_full, c_half, settings.use_checkpoint),
+                SparseDownBlock3d(c_half, c_quarter, settings.use_checkpoint),
+                SparseDownBlock3d(c_quarter, mc, settings.use_checkpoint),
             ]
         )
         self.input_layer = SparseLinear(mc, mc)
         self.pos_embedder = AbsolutePositionEmbedder(mc) if pe_mode == "ape" else None
-        self.blocks = transformer_blocks(
-            mc, num_blocks, num_heads, num_head_channels, mlp_ratio, attn_mode, window_size, pe_mode,
-            use_checkpoint, qk_rms_norm,
-        )
+        self.blocks = transformer_blocks(settings)
         self.out_layer = SparseLinear(mc, 2 * latent_channels)
         # Xavier weights on the output layer too (Direct3D-S2 zero-initialises it): from scratch, a zero
         # output maps every cell to one latent, hence one code; measured on bone phantoms at 64^3, 300
@@ -212,5 +178,5 @@ __all__ = [
     "convert_linear_and_conv",
     "group_count",
     "init_linear_layers",
-    "transformer_blocks",
+    "sdf_block_channels",
 ]

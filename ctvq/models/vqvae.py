@@ -13,6 +13,7 @@ un-chunked decode. The transformer part always sees the whole latent set.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ctvq.choices import LOSS_TYPES, RECON_WEIGHTINGS
+from ctvq.config.schema import ModelConfig
 from ctvq.models.chunking import (
     DEFAULT_PADDING,
     UPSAMPLE_FACTOR,
@@ -31,6 +33,7 @@ from ctvq.models.chunking import (
 from ctvq.models.decoder import SparseSDFDecoder
 from ctvq.models.encoder import SparseSDFEncoder, convert_linear_and_conv
 from ctvq.models.quantizer import QuantizerOutput, VectorQuantizer
+from ctvq.models.torso import TransformerSettings
 from ctvq.sparse import SparseTensor, resolve_backend, set_sparse_backend
 
 
@@ -121,80 +124,46 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str
 class SparseSDFVQVAE(nn.Module):
     """Encoder (Direct3D-S2 layout) -> VectorQuantizer on the first ``latent_channels`` -> decoder."""
 
-    def __init__(
-        self,
-        resolution: int = 64,
-        model_channels: int = 512,
-        latent_channels: int = 16,
-        num_blocks: int = 8,
-        num_embeddings: int = 8192,
-        num_heads: int | None = None,
-        num_head_channels: int | None = 64,
-        mlp_ratio: float = 4.0,
-        attn_mode: str = "swin",
-        window_size: int = 8,
-        pe_mode: str = "ape",
-        use_fp16: bool = False,
-        use_checkpoint: bool = False,
-        chunk_size: int = 1,
-        qk_rms_norm: bool = False,
-        representation_config: dict[str, Any] | None = None,
-        sdf_input_scale: float = 1.0,
-        codebook_init: str = "random",
-        codebook_update: str = "loss",
-        codebook_ema_decay: float = 0.99,
-        dead_code_threshold: float = 0.0,
-        sparse_backend: str = "auto",
-    ) -> None:
+    def __init__(self, **args: Any) -> None:
+        """Keyword arguments are the keys of ``models.vqvae.args`` (docs/CONFIG.md); a key left out gets the
+        config schema's default, the same as a config file that leaves it out."""
         super().__init__()
-        self.config: dict[str, Any] = {
-            k: v for k, v in locals().items() if k not in ("self", "__class__")
-        }
+        a = model_args(args)
+        self.config: dict[str, Any] = a
+        resolution, chunk_size = a["resolution"], a["chunk_size"]
         if resolution < 1:
             raise ValueError(f"resolution={resolution} must be >= 1 (the latent grid edge, e.g. 64)")
         if chunk_size < 1 or resolution % chunk_size:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1 and divide resolution={resolution}")
-        if representation_config is not None and not isinstance(representation_config, dict):
-            raise ValueError(
-                f"representation_config must be a dict or null, got {type(representation_config).__name__}"
-            )
-        if sdf_input_scale <= 0:
-            raise ValueError(f"sdf_input_scale={sdf_input_scale} must be > 0")
+        representation = a["representation_config"]
+        if representation is not None and not isinstance(representation, dict):
+            kind = type(representation).__name__
+            raise ValueError(f"representation_config must be a dict or null, got {kind}")
+        if a["sdf_input_scale"] <= 0:
+            raise ValueError(f"sdf_input_scale={a['sdf_input_scale']} must be > 0")
         self.resolution = resolution
-        self.latent_channels = latent_channels
+        self.latent_channels = a["latent_channels"]
         self.chunk_size = chunk_size
         self.chunk_padding = DEFAULT_PADDING
-        self.representation_config = representation_config
-        self.sdf_input_scale = sdf_input_scale
-        self.sparse_backend = sparse_backend
-        torso = dict(
-            model_channels=model_channels,
-            latent_channels=latent_channels,
-            num_blocks=num_blocks,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            mlp_ratio=mlp_ratio,
-            attn_mode=attn_mode,
-            window_size=window_size,
-            pe_mode=pe_mode,
-            use_checkpoint=use_checkpoint,
-            qk_rms_norm=qk_rms_norm,
-        )
-        self.encoder = SparseSDFEncoder(**torso)
-        self.decoder = SparseSDFDecoder(**torso)
+        self.representation_config = representation
+        self.sdf_input_scale = a["sdf_input_scale"]
+        self.sparse_backend = a["sparse_backend"]
+        settings = TransformerSettings.from_model_args(a)
+        self.encoder = SparseSDFEncoder(settings, self.latent_channels, a["sdf_channels"])
+        self.decoder = SparseSDFDecoder(settings, self.latent_channels, a["sdf_channels"])
         self.quantizer = VectorQuantizer(
-            num_embeddings,
-            latent_channels,
-            init=codebook_init,
-            update=codebook_update,
-            ema_decay=codebook_ema_decay,
-            dead_code_threshold=dead_code_threshold,
+            a["num_embeddings"],
+            self.latent_channels,
+            init=a["codebook_init"],
+            update=a["codebook_update"],
+            ema_decay=a["codebook_ema_decay"],
+            dead_code_threshold=a["dead_code_threshold"],
         )
         self._backend_device: torch.device | None = None
-        if sparse_backend != "auto":
-            set_sparse_backend(self, resolve_backend(sparse_backend))
+        if self.sparse_backend != "auto":
+            set_sparse_backend(self, resolve_backend(self.sparse_backend))
         self.use_fp16 = False
-        if use_fp16:
+        if a["use_fp16"]:
             self.convert_to_fp16()
 
     # -- precision, backend, training stage --------------------------------------------------------------
@@ -376,11 +345,25 @@ class SparseSDFVQVAE(nn.Module):
 
 
 def model_defaults() -> dict[str, Any]:
-    """What a config file that leaves a model key out gets: the config schema's defaults (the one set of
-    defaults users meet; the constructor's own keep its unit tests short)."""
-    from ctvq.config.schema import ModelConfig
-
+    """What a config file that leaves a model key out gets: the config schema's defaults, the model's only
+    defaults."""
     return ModelConfig().to_dict()["args"]
+
+
+def model_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Every model argument: ``args`` over the schema's defaults. An unknown key is refused with the closest
+    known one (a typo must not silently build the default model)."""
+    defaults = model_defaults()
+    unknown = sorted(set(args) - set(defaults))
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, defaults, n=1) for k in unknown}
+        listed = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        raise TypeError(f"SparseSDFVQVAE: unknown argument(s) {listed}; the arguments are the keys of "
+                        "models.vqvae.args (docs/CONFIG.md)")
+    resolved = {**defaults, **args}
+    if resolved["sdf_channels"] is not None:
+        resolved["sdf_channels"] = list(resolved["sdf_channels"])
+    return resolved
 
 
 __all__ = [
@@ -389,6 +372,7 @@ __all__ = [
     "SparseSDFVQVAE",
     "coordinate_rows",
     "gather_targets",
+    "model_args",
     "model_defaults",
     "reconstruction_loss",
 ]

@@ -8,13 +8,15 @@ windowed modes. flash-attn and xformers varlen kernels are optional fast paths, 
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import importlib
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-AttentionBackend = Literal["sdpa", "flash_attn", "xformers"]
-ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = get_args(AttentionBackend)
+from ctvq.choices import ATTENTION_BACKENDS
+
+AttentionBackend = Literal["sdpa", "flash_attn", "xformers"]  # the values of ctvq.choices.ATTENTION_BACKENDS
 
 # Score elements (slice x heads x L x L) per SDPA call: 2**25 float32 scores = 128 MiB.
 DEFAULT_MAX_SCORE_ELEMENTS = 1 << 25
@@ -63,13 +65,27 @@ def _sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: torc
     return vals_all[torch.argsort(rows_all)]
 
 
+_BACKEND_PACKAGES = {"flash_attn": ("flash_attn", "flash-attn"), "xformers": ("xformers.ops", "xformers")}
+
+
+def check_attention_backend(backend: str) -> None:
+    """Refuse an unknown backend, or one whose package is missing, when the model is built rather than at
+    its first forward pass (which may be an hour into a cluster job)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    if backend in _BACKEND_PACKAGES:
+        module, dist = _BACKEND_PACKAGES[backend]
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ImportError(f"attention backend {backend!r} needs the {dist} package (pip install {dist}); "
+                              "use 'sdpa' (models.vqvae.args.attention_backend) otherwise") from err
+
+
 def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: torch.Tensor,
                 counts: torch.Tensor) -> torch.Tensor:
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError as err:
-        raise ImportError("attention backend 'flash_attn' needs the flash-attn package "
-                          "(pip install flash-attn); use backend 'sdpa' otherwise") from err
+    check_attention_backend("flash_attn")
+    from flash_attn import flash_attn_varlen_func
     cu = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
     max_len = int(counts.max().item())
     out = flash_attn_varlen_func(q[order], k[order], v[order], cu, cu, max_len, max_len)
@@ -78,11 +94,8 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: torch.
 
 def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: torch.Tensor,
               counts: torch.Tensor) -> torch.Tensor:
-    try:
-        from xformers.ops import fmha, memory_efficient_attention
-    except ImportError as err:
-        raise ImportError("attention backend 'xformers' needs the xformers package (pip install xformers); "
-                          "use backend 'sdpa' otherwise") from err
+    check_attention_backend("xformers")
+    from xformers.ops import fmha, memory_efficient_attention
     bias = fmha.BlockDiagonalMask.from_seqlens(counts.tolist())
     out = memory_efficient_attention(q[order][None], k[order][None], v[order][None], attn_bias=bias)[0]
     return out[torch.argsort(order)]
@@ -103,7 +116,7 @@ def grouped_attention(
     """
     _check_qkv(q, k, v, groups)
     if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+        check_attention_backend(backend)
     if max_score_elements < 1:
         raise ValueError(f"max_score_elements must be >= 1, got {max_score_elements}")
     if q.shape[0] == 0:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ctvq.sparse.attention.attention import ATTENTION_BACKENDS, AttentionBackend, grouped_attention
+from ctvq.sparse.attention.attention import AttentionBackend, check_attention_backend, grouped_attention
 from ctvq.sparse.attention.rope import apply_rope, rope_frequencies, rope_phases
 from ctvq.sparse.attention.serialize import SerializeMode
 from ctvq.sparse.attention.windows import AttnMode, BlockAttention, attention_groups, check_attention_args
@@ -98,9 +98,7 @@ class SparseMultiHeadAttention(nn.Module):
         self.use_rope = use_rope
         if use_rope:
             rope_frequencies(self.head_dim)  # raises a clear error for a head size RoPE cannot use
-        if attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {attention_backend!r}; "
-                             f"choose one of {ATTENTION_BACKENDS}")
+        check_attention_backend(attention_backend)
         self.attention_backend: AttentionBackend = attention_backend
         self.to_qkv = nn.Linear(channels, 3 * channels)
         self.to_out = nn.Linear(channels, channels)
