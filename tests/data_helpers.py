@@ -17,6 +17,7 @@ from ctvq.ct.sample import LATENT_STRIDE, SparseSample, save_sample
 from ctvq.ct.splits import ALL_TRAIN, SplitRule
 from ctvq.ct.windows import WINDOWS
 
+NO_CROP = 10**6  # a dataset max_points above every test sample's point count
 WINDOW_WL = {name: (w.width, w.level) for name, w in WINDOWS.items()}
 
 

@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from data_helpers import sphere_sample
+from data_helpers import NO_CROP, sphere_sample
 
 from ctvq.ct.sample import LATENT_STRIDE, SparseSample, decoder_targets, save_sample
 from ctvq.data.augment import apply_symmetry, random_symmetry, voxel_transform
@@ -67,8 +67,8 @@ def test_identity_and_draws(case: SparseSample) -> None:
 
 def test_dataset_augments_training_items_deterministically(tmp_path, case: SparseSample) -> None:
     save_sample(case, tmp_path / "aug.npz")
-    plain = SparseSDF(tmp_path, resolution=64)[0]["coords"].numpy()
-    data = SparseSDF(tmp_path, resolution=64, augment="cube", seed=3)
+    plain = SparseSDF(tmp_path, resolution=64, max_points=NO_CROP)[0]["coords"].numpy()
+    data = SparseSDF(tmp_path, resolution=64, max_points=NO_CROP, augment="cube", seed=3)
     per_epoch = []
     for epoch in range(4):
         data.set_epoch(epoch)
@@ -78,4 +78,4 @@ def test_dataset_augments_training_items_deterministically(tmp_path, case: Spars
         per_epoch.append(first.tobytes())
     assert len(set(per_epoch)) > 1  # a new symmetry per epoch (4 draws of 48, seed fixed)
     with pytest.raises(DatasetError, match="augment='spin'"):
-        SparseSDF(tmp_path, resolution=64, augment="spin")
+        SparseSDF(tmp_path, resolution=64, max_points=NO_CROP, augment="spin")

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_helpers import NO_CROP
 
 from ctvq.ct.io import CTImage
 from ctvq.ct.pipeline import build_sample, load_windowed, window_image
@@ -42,16 +43,19 @@ def test_on_the_fly_items_equal_precomputed_items(folders: tuple[Path, Path]) ->
 def test_on_the_fly_checks_the_window_and_names_foreign_files(folders: tuple[Path, Path]) -> None:
     windowed_dir, sample_dir = folders
     with pytest.raises(DatasetError, match=r"a\.npz: case 'a' has window 'lung'.*window_type='bone'"):
-        CTWindowSparseSDF(windowed_dir, window_type="bone", resolution=64, precompute_sparse=False)
+        CTWindowSparseSDF(windowed_dir, window_type="bone", resolution=64,
+                          max_points=NO_CROP, precompute_sparse=False)
     with pytest.raises(DatasetError, match=r"a\.npz: cannot build a sample.*not a ctvq-windowed-volume"):
-        CTWindowSparseSDF(sample_dir, window_type="lung", resolution=64, precompute_sparse=False)
+        CTWindowSparseSDF(sample_dir, window_type="lung", resolution=64,
+                          max_points=NO_CROP, precompute_sparse=False)
 
 
 def test_on_the_fly_cache_builds_once_and_survives_deleted_files(
     small_ct: CTImage, tmp_path: Path
 ) -> None:
     save_windowed(window_image(small_ct, WINDOWS["lung"], 64, case_id="c"), tmp_path / "c.npz")
-    ds = CTWindowSparseSDF(tmp_path, window_type="lung", resolution=64, precompute_sparse=False,
+    ds = CTWindowSparseSDF(tmp_path, window_type="lung", resolution=64,
+                           max_points=NO_CROP, precompute_sparse=False,
                            cache_data=True, min_points=1)
     first = ds[0]
     (tmp_path / "c.npz").unlink()

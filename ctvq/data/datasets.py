@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from ctvq.config.schema import DatasetConfig
 from ctvq.ct.sample import (
     SampleFormatError,
     SparseSample,
@@ -256,7 +257,7 @@ class _SparseDataset(Dataset):
         band: float,
         iso_value: float,
         seed: int,
-        augment: str = "none",
+        augment: str,
     ) -> None:
         if augment not in AUGMENTS:
             raise DatasetError(f"augment={augment!r}; use one of {AUGMENTS}")
@@ -442,14 +443,14 @@ class SparseSDF(_SparseDataset):
         source: str | os.PathLike,
         *,
         resolution: int,
-        min_points: int = 100,
-        max_points: int = 100000,
-        cache_data: bool = False,
-        precompute_sparse: bool = True,
-        band: float = 3.0,
-        iso_value: float = 0.5,
-        seed: int = 0,
-        augment: str = "none",
+        max_points: int,
+        min_points: int = DatasetConfig.min_points,
+        cache_data: bool = DatasetConfig.cache_data,
+        precompute_sparse: bool = DatasetConfig.precompute_sparse,
+        band: float = DatasetConfig.band,
+        iso_value: float = DatasetConfig.iso_value,
+        seed: int = DatasetConfig.seed,
+        augment: str = DatasetConfig.augment,
     ) -> None:
         super().__init__(source, window=None, resolution=resolution, min_points=min_points,
                          max_points=max_points, cache_data=cache_data, precompute_sparse=precompute_sparse,
@@ -486,16 +487,16 @@ class CTWindowSparseSDF(_SparseDataset):
         *,
         window_type: str,
         resolution: int,
-        min_points: int = 100,
-        max_points: int = 100000,
-        cache_data: bool = False,
-        precompute_sparse: bool = True,
-        band: float = 3.0,
-        iso_value: float = 0.5,
-        seed: int = 0,
-        window_width: float | None = None,
-        window_level: float | None = None,
-        augment: str = "none",
+        max_points: int,
+        min_points: int = DatasetConfig.min_points,
+        cache_data: bool = DatasetConfig.cache_data,
+        precompute_sparse: bool = DatasetConfig.precompute_sparse,
+        band: float = DatasetConfig.band,
+        iso_value: float = DatasetConfig.iso_value,
+        seed: int = DatasetConfig.seed,
+        window_width: float | None = DatasetConfig.window_width,
+        window_level: float | None = DatasetConfig.window_level,
+        augment: str = DatasetConfig.augment,
     ) -> None:
         window = resolve_window(window_type, window_width, window_level)
         super().__init__(source, window=window, resolution=resolution, min_points=min_points,
