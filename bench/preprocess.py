@@ -41,7 +41,7 @@ METHODS = ("narrow_band", "reference")
 def _child(args: argparse.Namespace) -> None:
     """One method on one window, in this (fresh) process; prints a JSON line."""
     from ctvq.ct.band import BandField, compute_band, save_band
-    from ctvq.ct.commands import run_index, run_window
+    from ctvq.ct.steps import run_index, run_window
     from ctvq.ct.volume_file import load_windowed
 
     work = Path(args.workdir)

@@ -101,7 +101,7 @@ def _minutes(seconds: float) -> str:
 # -- data ----------------------------------------------------------------------------------------------------
 def phantom_cases(work: Path, train: list[int], val: list[int]) -> list[Case]:
     """Phantom scans with `ctvq phantom`'s defaults, written once; seeds give the split."""
-    from ctvq.ct.commands import run_phantom
+    from ctvq.ct.steps import run_phantom
 
     cases = []
     for seed, split in [(s, "train") for s in train] + [(s, "val") for s in val]:

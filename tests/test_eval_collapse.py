@@ -16,8 +16,8 @@ import torch
 from data_helpers import sample_from_distance, spheres_distance
 
 from ctvq.cli import main
+from ctvq.cli.eval import EXIT_NO_SURFACE, collapse_exit_code
 from ctvq.ct.sample import SparseSample, save_sample
-from ctvq.eval.command import EXIT_NO_SURFACE, collapse_exit_code
 from ctvq.eval.surfaces import no_surface_reason
 from ctvq.eval.tokens import sample_batch
 from ctvq.models.vqvae import SparseSDFVQVAE

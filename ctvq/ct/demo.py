@@ -10,10 +10,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ctvq.ct.commands import run_index, run_phantom, run_sdf, run_window
 from ctvq.ct.manifest import manifest_table, write_manifest
 from ctvq.ct.preview import save_preview
 from ctvq.ct.sample import load_sample
+from ctvq.ct.steps import run_index, run_phantom, run_sdf, run_window
 from ctvq.ct.volume_file import load_windowed
 
 DEMO_SHAPE = (224, 224, 72)

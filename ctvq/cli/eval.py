@@ -1,8 +1,7 @@
-"""argparse front ends of ``ctvq eval``, ``ctvq encode`` and ``ctvq decode`` (the lead registers them).
+"""The subcommands ``ctvq eval``, ``ctvq encode`` and ``ctvq decode`` (``ctvq.cli`` registers them).
 
 Expected failures raise ``EXPECTED_ERRORS``; the CLI prints their first line and exits 2. A reconstruction
 without a surface (a collapsed checkpoint) exits ``EXIT_NO_SURFACE`` = 3 (``DECODE_EPILOG``, ``EVAL_EPILOG``).
-``python -m ctvq.eval.command {eval,encode,decode} ...`` runs them standalone with the same behaviour.
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ BASE_EXPECTED_ERRORS: tuple[str, ...] = (
     "ctvq.device:DeviceError", "builtins:FileExistsError")
 """Failures of the user's input whatever the command (resolved on dispatch, like the commands)."""
 
-_CT = "ctvq.ct.commands"
-_EVAL = "ctvq.eval.command"
+_CT = "ctvq.cli.preprocess"
+_EVAL = "ctvq.cli.eval"
 _EVAL_ERRORS = (f"{_EVAL}:EXPECTED_ERRORS",)
 
 COMMANDS: dict[str, Command] = {}
@@ -68,14 +68,14 @@ for _command in (
     Command("demo", "phantom cases -> window -> sdf -> index -> manifests and preview PNGs",
             f"{_CT}:configure_demo", f"{_CT}:demo_command"),
     Command("validate-config", "check ctvq JSON configs against the configuration reference",
-            "ctvq.commands:configure_validate", "ctvq.commands:run_validate",
+            "ctvq.cli.config:configure_validate", "ctvq.cli.config:run_validate",
             expected_errors=("ctvq.config:ConfigError",)),
     Command("inspect-weights", "print what a checkpoint holds and which model config matches it",
-            "ctvq.commands:configure_inspect", "ctvq.commands:run_inspect",
+            "ctvq.cli.config:configure_inspect", "ctvq.cli.config:run_inspect",
             expected_errors=("ctvq.models.pretrained:PretrainedWeightsError",)),
     Command("train", "train the sparse SDF VQ-VAE (stage 1: codebook, stage 2: joint)",
-            "ctvq.train.command:add_arguments", "ctvq.train.command:run",
-            expected_errors=("ctvq.train.command:EXPECTED_ERRORS",)),
+            "ctvq.cli.train:add_arguments", "ctvq.cli.train:run",
+            expected_errors=("ctvq.cli.train:EXPECTED_ERRORS",)),
     Command("eval", "metrics, figures and meshes of a checkpoint on preprocessed cases",
             f"{_EVAL}:add_eval_arguments", f"{_EVAL}:run_eval", expected_errors=_EVAL_ERRORS),
     Command("encode", "a CT scan or sample -> token grid (latent coords + code indices)",
