@@ -143,21 +143,21 @@ class RunLog:
 
 
 class LossEnds:
-    """Mean loss of a run's first and last ``window`` steps, so a summary shows the trend of the curve rather
+    """Mean loss of a run's first and last ``span`` steps, so a summary shows the trend of the curve rather
     than two single noisy steps (a flat, collapsed curve read "0.80 -> 0.16" from one step each).
 
-    ``window`` = min(20, steps // 5), at least 1; non-finite losses (skipped overflow steps) are left out.
+    ``span`` = min(20, steps // 5), at least 1; non-finite losses (skipped overflow steps) are left out.
     """
 
     def __init__(self, steps: int) -> None:
-        self.window = max(1, min(20, steps // 5))
+        self.span = max(1, min(20, steps // 5))
         self.first: list[float] = []
-        self.last: deque[float] = deque(maxlen=self.window)
+        self.last: deque[float] = deque(maxlen=self.span)
 
     def add(self, loss: float) -> None:
         if not math.isfinite(loss):
             return
-        if len(self.first) < self.window:
+        if len(self.first) < self.span:
             self.first.append(loss)
         self.last.append(loss)
 

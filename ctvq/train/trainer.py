@@ -65,9 +65,9 @@ class TrainSummary:
     start_step: int
     end_step: int
     seconds: float
-    start_loss: float  # mean over the first ``loss_window`` steps of this process (LossEnds)
-    end_loss: float  # mean over its last ``loss_window`` steps
-    loss_window: int
+    start_loss: float  # mean over the first ``loss_span`` steps of this process (LossEnds)
+    end_loss: float  # mean over its last ``loss_span`` steps
+    loss_span: int
     skipped_steps: int
     final_checkpoint: Path | None
 
@@ -367,12 +367,12 @@ class Trainer:
         log.text(f"done: steps {start}->{self.step} in {format_duration(seconds)}, {ends.describe()}, "
                  f"skipped steps {self.skipped}, final checkpoint {final}")
         log.close()
-        return TrainSummary(start, self.step, seconds, ends.start, ends.end, ends.window, self.skipped, final)
+        return TrainSummary(start, self.step, seconds, ends.start, ends.end, ends.span, self.skipped, final)
 
     def _loop(self, meter: RateMeter, ends: LossEnds, stop: StopRequests) -> None:
         """Train to ``total_steps``; on a stop request save the step reached, raise TrainingInterrupted."""
         t, log = self.t, self.log
-        window: dict[str, list[float]] = {}
+        pending: dict[str, list[float]] = {}  # this i_log interval's values, averaged when logged
         data_time = step_time = 0.0
         iterator = None
         while self.step < self.total_steps:
@@ -395,17 +395,17 @@ class Trainer:
             data_time += toc - tic
             step_time += time.perf_counter() - tic
             for key, value in logs.items():
-                window.setdefault(key, []).append(value)
+                pending.setdefault(key, []).append(value)
             ends.add(logs["loss"])
             guard_scalars = self._sample_and_guard(step, logs["grad_norm"], kept)
             if step % t.i_log == 0 or step == self.total_steps:
-                means = {k: _finite_mean(v) for k, v in window.items()}
+                means = {k: _finite_mean(v) for k, v in pending.items()}
                 means = dist_util.all_mean(means, self.device)
                 means["skipped_steps"] = float(self.skipped)
                 means["steps_per_s"] = meter.rate(step)
                 means["data_time_share"] = data_time / step_time if step_time > 0 else math.nan
                 log.scalars(step, {**means, **guard_scalars})
-                window = {}
+                pending = {}
             if step % t.i_print == 0 or step == self.total_steps:
                 log.text(f"step {step}/{self.total_steps}  loss {logs['loss']:.5f}  "
                          f"recon {logs['recon_loss']:.5f}"

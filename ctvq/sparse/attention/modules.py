@@ -93,8 +93,8 @@ class SparseMultiHeadAttention(nn.Module):
         self.channels = channels
         self.num_heads = num_heads
         self.head_dim = channels // num_heads
-        self.window = BlockAttention(attn_mode, window_size, shift_window, shift_sequence, serialize_mode)
-        check_attention_args(self.window)
+        self.pattern = BlockAttention(attn_mode, window_size, shift_window, shift_sequence, serialize_mode)
+        check_attention_args(self.pattern)
         self.use_rope = use_rope
         if use_rope:
             rope_frequencies(self.head_dim)  # raises a clear error for a head size RoPE cannot use
@@ -118,7 +118,7 @@ class SparseMultiHeadAttention(nn.Module):
         if self.use_rope:
             phases = rope_phases(coords[:, 1:], self.head_dim)
             q, k = apply_rope(q, phases), apply_rope(k, phases)
-        groups = attention_groups(coords, self.window)
+        groups = attention_groups(coords, self.pattern)
         out = grouped_attention(q, k, v, groups, backend=self.attention_backend)
         return self.to_out(out.reshape(n, self.channels))
 
