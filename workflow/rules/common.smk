@@ -79,14 +79,14 @@ def _train_settings() -> dict:
     unknown = [w for w in train["windows"] if w not in WINDOWS]
     if unknown:
         raise ValueError(f"{CONFIG_FILE}: train.windows: {unknown} are not in windows {WINDOWS}")
-    for key in ("stage1_config", "stage2_config"):
+    for key, stage in (("stage1_config", 1), ("stage2_config", 2)):
         cfg = load_config(train[key])
         if cfg.dataset.resolution != config["resolution"]:
             raise ValueError(
                 f"{CONFIG_FILE}: train.{key}: {train[key]} trains at dataset.args.resolution "
                 f"{cfg.dataset.resolution} but the pipeline preprocesses at resolution {config['resolution']}; "
                 "make them equal")
-        if cfg.stage != int(key[5]):
+        if cfg.stage != stage:
             raise ValueError(f"{CONFIG_FILE}: train.{key}: {train[key]} is a stage-{cfg.stage} config")
     return train
 

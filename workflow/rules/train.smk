@@ -21,6 +21,7 @@ rule train_stage1:
         launcher=_train_launcher,
         band=band_of,
         max_steps=MAX_STEPS,
+        start="",
     threads: TRAIN["threads"]
     resources:
         gpu=TRAIN["gpus"],
@@ -28,10 +29,12 @@ rule train_stage1:
         runtime=TRAIN["runtime_minutes"],
     shell:
         "{params.launcher} train --config {input.config} --data {input.manifest} --output-dir {params.run_dir}"
-        " --window {wildcards.window} --band {params.band} --threads {threads}{params.max_steps} > {log} 2>&1"
+        " --window {wildcards.window} --band {params.band}{params.start} --threads {threads}{params.max_steps}"
+        " > {log} 2>&1"
 
 
-rule train_stage2:
+# Stage 2: the same job, on the stage-2 config, starting from stage 1's final checkpoint.
+use rule train_stage1 as train_stage2 with:
     input:
         manifest=f"{RESULTS}/manifests/{{window}}.csv",
         config=TRAIN["stage2_config"],
@@ -47,13 +50,4 @@ rule train_stage2:
         launcher=_train_launcher,
         band=band_of,
         max_steps=MAX_STEPS,
-    threads: TRAIN["threads"]
-    resources:
-        gpu=TRAIN["gpus"],
-        mem_mb=TRAIN["mem_mb"],
-        runtime=TRAIN["runtime_minutes"],
-    shell:
-        "{params.launcher} train --config {input.config} --data {input.manifest} --output-dir {params.run_dir}"
-        " --window {wildcards.window} --band {params.band} --pretrained-vae-path {input.stage1}"
-        " --threads {threads}{params.max_steps}"
-        " > {log} 2>&1"
+        start=lambda wc, input: f" --pretrained-vae-path {input.stage1}",
