@@ -40,7 +40,21 @@ KNOBS: dict[str, dict[str, Any]] = {
     "num_blocks 4": {"models.vqvae.args.num_blocks": 4},
     "batch_split 1": {"trainer.args.batch_split": 1},
     "use_checkpoint false": {"models.vqvae.args.use_checkpoint": False},
+    # whole configs, not single knobs: the planner's validation set (bench/results/memory_check.json)
+    "scenario lowmem": {"models.vqvae.args.model_channels": 256, "models.vqvae.args.num_blocks": 4,
+                        "models.vqvae.args.chunk_size": 4, "trainer.args.batch_size_per_gpu": 4,
+                        "trainer.args.batch_split": 4},
+    "tiny": {"models.vqvae.args.model_channels": 64, "models.vqvae.args.num_blocks": 2,
+             "models.vqvae.args.latent_channels": 8, "models.vqvae.args.num_embeddings": 128,
+             "models.vqvae.args.num_head_channels": 32, "models.vqvae.args.window_size": 4,
+             "models.vqvae.args.use_checkpoint": False},
+    "tiny checkpoint": {"models.vqvae.args.model_channels": 64, "models.vqvae.args.num_blocks": 2,
+                        "models.vqvae.args.latent_channels": 8, "models.vqvae.args.num_embeddings": 128,
+                        "models.vqvae.args.num_head_channels": 32, "models.vqvae.args.window_size": 4},
+    "model_channels 256 no checkpoint": {"models.vqvae.args.model_channels": 256,
+                                         "models.vqvae.args.use_checkpoint": False},
 }
+DEFAULT_KNOBS = list(KNOBS)[:7]
 
 
 def current_rss_mb() -> float:
@@ -115,14 +129,93 @@ def stage1_weights(changes: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _run_config(knob: str, points: int) -> Any:
+    """The validated config a recorded run trained with."""
+    from ctvq.config import config_from_dict
+
+    cfg = json.loads(BASE.read_text())
+    cfg["dataset"]["args"].update(resolution=RESOLUTION, max_points=points)
+    cfg["models"]["vqvae"]["args"].update(resolution=RESOLUTION // 8, sparse_backend="torch")
+    cfg["trainer"]["args"].update(pretrained_vae_path="stage1.pt", fp16_mode=None, num_workers=0, ema_rate=[])
+    for dotted, value in KNOBS[knob].items():
+        set_key(cfg, dotted, value)
+    return config_from_dict(cfg, origin=f"{knob} at max_points {points}")
+
+
+def fit(paths: list[Path], refit: bool, validation: list[str]) -> int:
+    """``refit``: fit ctvq.train.plan's coefficients to recorded runs and print them with the error of each
+    run, and the error when each knob's runs are predicted from a fit without them (how the model
+    extrapolates). Otherwise: the error of the shipped coefficients on the recorded runs. Runs of the
+    ``validation`` knobs are never fitted, only predicted."""
+    import numpy as np
+
+    from ctvq.train import plan
+
+    rows = []
+    for path in paths:
+        recorded = json.loads(path.read_text())
+        cases = [plan.CaseSize(c["case_id"], c["points"], c["latent"]) for c in recorded["cases"]
+                 if c["split"] == "train"]
+        for run in recorded["runs"]:
+            cfg = _run_config(run["knob"], run["max_points"])
+            counts = plan.parameter_counts(cfg)
+            zero = dict.fromkeys(plan.COEFFICIENTS, 0.0)
+            fixed = plan.predict_training_peak(cfg, cases, zero, counts)
+            voxels = (fixed.data.points + fixed.data.decoded) / 1024.0
+            ck = float(cfg.model.use_checkpoint)
+            c = plan.full_resolution_channels(cfg)
+            features = [1.0, counts[1] / 2**20, voxels * ck, voxels * ck * c, voxels * (1 - ck),
+                        voxels * (1 - ck) * c]
+            rows.append({"run": run, "cfg": cfg, "cases": cases, "counts": counts, "fixed": fixed.peak_mb,
+                         "x": features})
+    names = list(plan.COEFFICIENTS)  # base, trainable bytes, voxel/channel with and without checkpointing
+
+    def solve(subset: list[dict]) -> dict[str, float]:
+        """Least squares (minimum norm where the subset cannot tell two columns apart; an all-zero column,
+        e.g. no run without checkpointing, keeps 0)."""
+        a = np.array([r["x"] for r in subset])
+        y = np.array([r["run"]["peak_rss_mb"] - r["fixed"] for r in subset])
+        keep = [i for i in range(a.shape[1]) if a[:, i].any()]
+        solution = np.zeros(a.shape[1])
+        solution[keep] = np.linalg.lstsq(a[:, keep], y, rcond=None)[0]
+        return {name: float(v) for name, v in zip(names, solution, strict=True)}
+
+    def error(row: dict, coefficients: dict[str, float]) -> float:
+        predicted = plan.predict_training_peak(row["cfg"], row["cases"], coefficients, row["counts"]).peak_mb
+        return 100.0 * (predicted - row["run"]["peak_rss_mb"]) / row["run"]["peak_rss_mb"]
+
+    fitted = [r for r in rows if r["run"]["knob"] not in validation]
+    coefficients = solve(fitted) if refit else dict(plan.COEFFICIENTS)
+    print("COEFFICIENTS =", json.dumps({k: round(v, 4) for k, v in coefficients.items()}))
+    print(f"{'knob':22s} {'max_points':>10s} {'measured MB':>11s} {'error %':>8s} {'knob held out %':>15s}")
+    worst = 0.0
+    for knob in dict.fromkeys(r["run"]["knob"] for r in rows):
+        held = solve([r for r in fitted if r["run"]["knob"] != knob]) if refit and knob not in validation \
+            else None
+        for row in (r for r in rows if r["run"]["knob"] == knob):
+            e = error(row, coefficients)
+            h = error(row, held) if held is not None else float("nan")
+            worst = max(worst, abs(e))
+            print(f"{knob:22s} {row['run']['max_points']:10d} {row['run']['peak_rss_mb']:11.0f} {e:8.1f} "
+                  f"{h:15.1f}{'  (validation: not fitted)' if knob in validation else ''}")
+    print(f"worst error {worst:.1f} %")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, nargs="+", default=[10000, 40000, 80000, 160000])
-    parser.add_argument("--knobs", nargs="+", choices=list(KNOBS), default=list(KNOBS))
+    parser.add_argument("--knobs", nargs="+", choices=list(KNOBS), default=DEFAULT_KNOBS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--cases", type=int, default=4, help="phantoms made (the hash split holds some out)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/memory.json"))
+    parser.add_argument("--fit", type=Path, nargs="+", default=None, metavar="RUNS_JSON",
+                        help="fit ctvq.train.plan's coefficients to finished runs, print the errors")
+    parser.add_argument("--check", type=Path, nargs="+", default=None, metavar="RUNS_JSON",
+                        help="the error of ctvq.train.plan's coefficients on finished runs")
+    parser.add_argument("--validation", nargs="*", default=[], metavar="KNOB",
+                        help="with --fit: knobs whose runs are predicted but not fitted")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -131,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
+    if args.fit or args.check:
+        return fit(args.fit or args.check, refit=args.fit is not None, validation=args.validation)
     from ctvq.atomic import atomic_write_text
 
     results: dict[str, Any] = {
@@ -140,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ctvq-bench-memory-") as tmp:
         work = Path(tmp)
         data = make_data(work / "data", args.cases)
+        from ctvq.ct.manifest import read_manifest
+
+        results["cases"] = [{"case_id": r.case_id, "points": int(r.num_points), "latent": int(r.num_latent),
+                             "split": r.split} for r in read_manifest(data).itertuples() if r.status == "ok"]
         for knob in args.knobs:
             changes = KNOBS[knob]
             weights = stage1_weights(changes, work / f"stage1_{len(results['runs'])}.pt")
