@@ -187,7 +187,7 @@ def fit(paths: list[Path], refit: bool, validation: list[str]) -> int:
     fitted = [r for r in rows if r["run"]["knob"] not in validation]
     coefficients = solve(fitted) if refit else dict(plan.COEFFICIENTS)
     print("COEFFICIENTS =", json.dumps({k: round(v, 4) for k, v in coefficients.items()}))
-    print(f"{'knob':22s} {'max_points':>10s} {'measured MB':>11s} {'error %':>8s} {'knob held out %':>15s}")
+    print(f"{'knob':32s} {'max_points':>10s} {'measured MB':>11s} {'error %':>8s} {'knob held out %':>15s}")
     worst = 0.0
     for knob in dict.fromkeys(r["run"]["knob"] for r in rows):
         held = solve([r for r in fitted if r["run"]["knob"] != knob]) if refit and knob not in validation \
@@ -196,7 +196,7 @@ def fit(paths: list[Path], refit: bool, validation: list[str]) -> int:
             e = error(row, coefficients)
             h = error(row, held) if held is not None else float("nan")
             worst = max(worst, abs(e))
-            print(f"{knob:22s} {row['run']['max_points']:10d} {row['run']['peak_rss_mb']:11.0f} {e:8.1f} "
+            print(f"{knob:32s} {row['run']['max_points']:10d} {row['run']['peak_rss_mb']:11.0f} {e:8.1f} "
                   f"{h:15.1f}{'  (validation: not fitted)' if knob in validation else ''}")
     print(f"worst error {worst:.1f} %")
     return 0

@@ -64,6 +64,9 @@ def run_plan(a: argparse.Namespace) -> int:
     print(f"ctvq plan: {a.config} (stage {cfg.stage}) on {a.data}: {len(cases)} training cases, the largest "
           f"{biggest.case_id} with {biggest.points:,} points in {biggest.latent:,} latent cells")
     _report("as configured", first)
+    if cfg.stage == 1:
+        print("  note: stage 1 is not in the fitted benchmark; its frozen parts keep no gradients or "
+              "optimizer state, and their activations are counted as in stage 2 (an upper bound)")
     if a.device == "cuda":
         print("  note: not calibrated on a GPU yet: this is the CPU (fp32 RSS) model, whose process base is "
               "host memory on CUDA and which leaves out the CUDA context")

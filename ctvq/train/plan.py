@@ -131,6 +131,20 @@ def parameter_counts(cfg: CTVQConfig) -> tuple[int, int]:
     return total, trainable
 
 
+REQUEST_MARGIN = 1.25  # requested = prediction x margin: the fit's worst error on its own runs is 10 %
+MIN_REQUEST_MB = 1000
+
+
+def planned_mem_mb(config: str | os.PathLike, manifest: str | os.PathLike) -> int:
+    """The memory to request for a training job of ``config`` on ``manifest`` (the workflow's mem_mb): the
+    prediction with a 25 % margin, rounded up to 100 MB, at least 1000 MB."""
+    from ctvq.config import load_config
+
+    cfg = load_config(config)
+    peak = predict_training_peak(cfg, case_sizes(manifest, resolution=cfg.dataset.resolution)).peak_mb
+    return max(MIN_REQUEST_MB, math.ceil(peak * REQUEST_MARGIN / 100) * 100)
+
+
 def full_resolution_channels(cfg: CTVQConfig) -> int:
     from ctvq.models.encoder import sdf_block_channels
 
@@ -246,6 +260,7 @@ __all__ = [
     "StepData",
     "largest_micro_batch",
     "parameter_counts",
+    "planned_mem_mb",
     "predict_training_peak",
     "fitting_patch",
     "nested",

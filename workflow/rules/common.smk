@@ -94,6 +94,16 @@ def _train_settings() -> dict:
 TRAIN = _train_settings()
 
 
+def train_mem_mb(wildcards, input):
+    """train.mem_mb, or (null) ctvq plan's request for the job's config and manifest. It reads the manifest,
+    so a dry run before the manifest exists shows it as TBD; the request is made when the job is ready."""
+    if TRAIN["mem_mb"] is not None:
+        return TRAIN["mem_mb"]
+    from ctvq.train.plan import planned_mem_mb
+
+    return planned_mem_mb(input.config, input.manifest)
+
+
 def _split_settings() -> tuple[str, list[str]]:
     """`ctvq manifest` split options from the split section (checked now), and the split file as input."""
     from shlex import quote

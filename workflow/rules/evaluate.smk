@@ -29,7 +29,7 @@ rule evaluate:
         allow_collapse="--allow-collapse" if config["evaluate"]["allow_collapse"] else "",
     threads: TRAIN["threads"]
     resources:
-        mem_mb=TRAIN["mem_mb"],
+        mem_mb=config["evaluate"]["mem_mb"],
     shell:
         "{params.ctvq} eval --ckpt {input.ckpt} --data {input.manifest} -o {output.metrics} --output-dir {params.out_dir}"
         " --train-log {params.train_logs} --curves-csv {output.curves} {params.allow_collapse} > {log} 2>&1"

@@ -25,7 +25,7 @@ rule train_stage1:
     threads: TRAIN["threads"]
     resources:
         gpu=TRAIN["gpus"],
-        mem_mb=TRAIN["mem_mb"],
+        mem_mb=train_mem_mb,
         runtime=TRAIN["runtime_minutes"],
     shell:
         "{params.launcher} train --config {input.config} --data {input.manifest} --output-dir {params.run_dir}"
