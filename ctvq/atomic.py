@@ -36,6 +36,7 @@ _FIXES = {
     errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
     errno.ENOENT: "no such file or folder; check the path",
     errno.EEXIST: "it exists already; remove it or choose another path",
+    errno.ENOMEM: "the process is out of memory, not the disk; see `ctvq plan` for a config that fits",
     errno.EIO: "input/output error: the disk or network file system failed; check it and run again",
     errno.EMFILE: "too many open files; raise the limit (ulimit -n) or use fewer workers",
 }

@@ -21,12 +21,13 @@ from ctvq.models import PretrainedWeightsError
 from ctvq.train.checkpoint import CheckpointError
 from ctvq.train.distributed import ReplicaMismatchError, setup, teardown
 from ctvq.train.lock import RunLock, RunLockError
+from ctvq.train.oom import TrainingOutOfMemory, is_out_of_memory, out_of_memory_error
 from ctvq.train.stop import TrainingInterrupted
 from ctvq.train.trainer import RunOptions, Trainer
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, CheckpointError, DatasetError, SampleFormatError, PretrainedWeightsError,
-    ReplicaMismatchError, RunLockError,
+    ReplicaMismatchError, RunLockError, TrainingOutOfMemory,
 )
 """Failures caused by the user's files or settings (reported without a traceback)."""
 
@@ -101,7 +102,13 @@ def run(args: argparse.Namespace) -> int:
             if isinstance(lock, RunLock) and lock.took_over:
                 print(f"ctvq train: {args.output_dir}: took over the run lock of a dead trainer "
                       f"({lock.took_over})", file=sys.stderr, flush=True)
-            Trainer(cfg, options, info).run()
+            try:
+                Trainer(cfg, options, info).run()
+            except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+                if not is_out_of_memory(exc):
+                    raise
+                raise out_of_memory_error(exc, cfg, args.config, args.data, args.output_dir,
+                                          info.device) from exc
     except TrainingInterrupted as stopped:
         print(f"ctvq train: {stopped}: checkpoint saved in {args.output_dir / 'ckpts'}; the same command "
               "resumes from it", file=sys.stderr, flush=True)
