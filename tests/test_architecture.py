@@ -78,10 +78,12 @@ def test_no_two_packages_import_each_other() -> None:
     assert cycles == [], "package import cycles:\n" + "\n".join(sorted(set(cycles))[:20])
 
 
-def test_the_workflow_schema_knows_the_same_windows_as_ctvq() -> None:
+def test_the_workflow_schema_lists_no_window_names_of_its_own() -> None:
+    """The workflow checks window names against ctvq's registry; a second list in its schema would drift."""
     from ctvq.ct.windows import WINDOWS
 
-    schema = yaml.safe_load((PACKAGE.parent / "workflow" / "schemas" / "pipeline.schema.yaml").read_text())
+    text = (PACKAGE.parent / "workflow" / "schemas" / "pipeline.schema.yaml").read_text()
+    schema = yaml.safe_load(text)
     enums = []
 
     def collect(node: object) -> None:
@@ -95,4 +97,4 @@ def test_the_workflow_schema_knows_the_same_windows_as_ctvq() -> None:
                 collect(value)
 
     collect(schema)
-    assert enums and all(list(e) == list(WINDOWS) for e in enums), enums
+    assert enums == []

@@ -1,7 +1,7 @@
 """Strict pretrained loading against Direct3D-S2's published layout and ctvq's own checkpoints.
 
-The layout is a verbatim copy of the project's fact file ``shared/facts/direct3d_s2_sparse_vae_512.tsv``
-(tensor names and shapes of Direct3D-S2's ``sparse_vae_512.pth``), embedded so the tests run anywhere.
+The layout is the tensor list (names and shapes) of Direct3D-S2's published ``sparse_vae_512.pth``, embedded
+so the tests run anywhere without the 1 GB file.
 The 512-wide model is only constructed (about 38M parameters), never run.
 """
 

@@ -103,15 +103,15 @@ def test_gradient_guard_stays_quiet_on_a_healthy_curve_and_without_norms() -> No
     assert fired == [] and state.baseline == ()
 
 
-def test_loss_ends_average_the_first_and_last_window_of_steps() -> None:
+def test_loss_ends_average_the_first_and_last_span_of_steps() -> None:
     ends = LossEnds(steps=100)
-    assert ends.window == 20
+    assert ends.span == 20
     for i in range(100):
         ends.add(float(i))
     ends.add(math.nan)
     assert ends.start == pytest.approx(9.5) and ends.end == pytest.approx(89.5)
     assert ends.describe() == "loss (mean of first 20 steps) 9.50000 -> (last 20) 89.50000"
-    assert LossEnds(steps=3).window == 1 and LossEnds(steps=60).window == 12
+    assert LossEnds(steps=3).span == 1 and LossEnds(steps=60).span == 12
     assert math.isnan(LossEnds(steps=5).start)
 
 

@@ -100,7 +100,8 @@ def test_bad_pipeline_config_is_refused_naming_the_key(tmp_path: Path) -> None:
     run = _snakemake(tmp_path, "-n", "--cores", "1")
     assert run.returncode != 0
     said = run.stdout + run.stderr
-    assert "'lungs'" in said and "['windows']" in said
+    assert "pipeline.yaml (over configs/pipeline.yaml): windows: 'lungs' is not a ctvq window; choose from " \
+        "lung, bone, soft_tissue, brain" in said, said
     _write_config(tmp_path, experiment="demo")  # a key older configs carried, which named nothing
     run = _snakemake(tmp_path, "-n", "--cores", "1")
     said = run.stdout + run.stderr

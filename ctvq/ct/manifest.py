@@ -93,7 +93,15 @@ def write_manifest(table: pd.DataFrame, path: str | os.PathLike) -> None:
         table.to_csv(tmp, index=False)
 
 
+TEXT_COLUMNS = ("case_id", "source", "sample_path", "window", "status", "spacing", "bbox", "split", "pad",
+                "scan_extent")
+
+
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"case_id": str, "source": str, "spacing": str, "bbox": str, "split": str,
-                                    "pad": str, "scan_extent": str},
-                       keep_default_na=False)
+    """The manifest CSV as a table: text columns stay text (a case id "007" stays "007"), and an empty cell
+    is "" in a text column and NaN in a numeric one (a failed case has no point count)."""
+    table = pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, str), keep_default_na=False, na_values=[""])
+    for column in TEXT_COLUMNS:
+        if column in table.columns:
+            table[column] = table[column].fillna("")
+    return table

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ctvq.config.schema import DatasetConfig
+from ctvq.ct.manifest import read_manifest
 from ctvq.ct.sample import (
     SampleFormatError,
     SparseSample,
@@ -102,11 +103,10 @@ def resolve_window(window_type: str, width: float | None, level: float | None) -
     return WindowSpec(window_type, named.width, named.level)
 
 
-def read_manifest(path: Path) -> list[CaseRecord]:
+def read_case_records(path: Path) -> list[CaseRecord]:
     """Rows of a `ctvq manifest` CSV as records, sample paths resolved against the manifest's folder."""
     try:
-        table = pd.read_csv(path, dtype={"case_id": str, "sample_path": str, "window": str, "status": str,
-                                         "split": str})
+        table = read_manifest(path)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise DatasetError(f"{path}: not a readable manifest CSV ({exc})") from exc
     missing = [c for c in MANIFEST_REQUIRED_COLUMNS if c not in table.columns]
@@ -318,7 +318,7 @@ class _SparseDataset(Dataset):
                     f"{src}: precompute_sparse=false reads windowed volumes (`ctvq window` outputs) from a "
                     "folder, not a manifest of samples; pass that folder or set precompute_sparse=true"
                 )
-            return self._select_manifest_rows(read_manifest(src))
+            return self._select_manifest_rows(read_case_records(src))
         if src.is_dir():
             paths = sorted(src.glob("*.npz"))
             if not paths:

@@ -41,7 +41,7 @@ from ctvq.ct.sample import (
 )
 from ctvq.ct.splits import SPLITS
 from ctvq.ct.volume_file import load_windowed
-from ctvq.data.datasets import DatasetError, read_manifest
+from ctvq.data.datasets import DatasetError, read_case_records
 from ctvq.eval.figures import save_case_figure, training_curves
 from ctvq.eval.loading import DataSettings, EvalInputError, LoadedModel, run_config_path
 from ctvq.eval.metrics import (
@@ -160,7 +160,7 @@ def eval_cases(data: str | os.PathLike, splits: Sequence[str] | None = None) -> 
         cases = [EvalCase(p, "train") for p in paths]
     elif data.suffix.lower() == ".csv":
         try:
-            records = read_manifest(data)
+            records = read_case_records(data)
         except DatasetError as exc:
             raise EvalInputError(str(exc)) from exc
         cases = [EvalCase(r.path, r.split) for r in records if r.status == "ok"]

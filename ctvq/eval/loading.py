@@ -147,7 +147,7 @@ def load_settings(ckpt: str | os.PathLike, config: str | os.PathLike | None = No
     try:
         dataset = load_config(path).dataset
     except ConfigError as exc:
-        raise EvalInputError(str(exc).splitlines()[0]) from exc
+        raise EvalInputError(str(exc)) from exc  # every problem of the config, one per line
     width, level = dataset.window()
     return DataSettings(dataset.window_type, float(width), float(level), int(dataset.resolution),
                         float(dataset.band), float(dataset.iso_value), str(path))

@@ -20,6 +20,23 @@ if "experiment" in config:  # an older pipeline.yaml: the key named nothing and 
                      "runs apart, give each its own `results:` folder, or use DVC experiments (`dvc exp run`)")
 validate(config, schema="../schemas/pipeline.schema.yaml")
 
+
+def _check_window_names() -> None:
+    """Window names come from ctvq's registry (ctvq.ct.windows.WINDOWS), not from a list in the schema."""
+    from ctvq.ct.windows import WINDOWS as REGISTRY
+
+    band = config.get("band")
+    named = {"windows": config["windows"], "train.windows": config["train"]["windows"],
+             "band": list(band) if isinstance(band, dict) else [], "surface": list(config.get("surface", {}))}
+    for key, names in named.items():
+        unknown = [name for name in names if name not in REGISTRY]
+        if unknown:
+            raise ValueError(f"{CONFIG_FILE}: {key}: {', '.join(map(repr, unknown))} is not a ctvq window; "
+                             f"choose from {', '.join(REGISTRY)} (custom W/L: use `ctvq window` directly)")
+
+
+_check_window_names()
+
 # The interpreter running snakemake has ctvq installed: call the CLI through it, so no PATH set-up is needed
 # (also inside SLURM jobs, which re-run this same interpreter).
 CTVQ = f"{sys.executable} -m ctvq"
