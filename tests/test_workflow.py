@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from data_helpers import write_cases, write_manifest
 
 from ctvq.ct.resources import preprocess_mem_mb
 from ctvq.ct.sample import load_sample
@@ -121,6 +122,23 @@ def test_band_per_window_reaches_sdf_and_training(tmp_path: Path) -> None:
     assert re.search(r"sdf results/windowed/lung/\S+ .*--band 2\.5 ", said)
     assert re.search(rf"sdf results/windowed/bone/\S+ .*--band {default_band('bone')} ", said)
     assert re.search(rf"train .*--window bone --band {default_band('bone')} ", said)
+
+
+def test_training_memory_comes_from_ctvq_plan_when_mem_mb_is_null(tmp_path: Path) -> None:
+    from ctvq.train.plan import planned_mem_mb
+
+    configs = ROOT / "configs" / "vqvae"
+    train = {"windows": ["lung"], "stage1_config": str(configs / "tiny_stage1.json"),
+             "stage2_config": str(configs / "tiny_stage2.json"), "mem_mb": None}
+    _write_config(tmp_path, train=train)
+    said = _snakemake(tmp_path, "-n", "--cores", "1").stdout
+    assert said.count("mem_mb=<TBD>") == 2, said  # both stages: the manifest is not there yet
+    (tmp_path / "results" / "manifests").mkdir(parents=True)
+    manifest = write_manifest(tmp_path / "results" / "manifests" / "lung.csv",
+                              write_cases(tmp_path / "samples", [10.0, 20.0]))
+    said = _snakemake(tmp_path, "-n", "--cores", "1", "--", "results/train/lung/stage1/ckpts/final.pt").stdout
+    expected = planned_mem_mb(configs / "tiny_stage1.json", manifest)
+    assert f"mem_mb={expected}," in said, said
 
 
 def test_workflow_messages_name_the_configfile_given(tmp_path: Path) -> None:

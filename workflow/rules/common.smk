@@ -118,7 +118,13 @@ def train_mem_mb(wildcards, input):
         return TRAIN["mem_mb"]
     from ctvq.train.plan import planned_mem_mb
 
-    return planned_mem_mb(input.config, input.manifest)
+    try:
+        return planned_mem_mb(input.config, input.manifest)
+    except ValueError as exc:
+        # A dry run can see the manifest of an earlier run, e.g. at another resolution, which this run will
+        # remake first. Reported as not there yet, Snakemake shows <TBD> and asks again once it is remade.
+        raise FileNotFoundError(2, f"{input.manifest} is not yet this run's manifest ({exc})",
+                                input.manifest) from exc
 
 
 def _split_settings() -> tuple[str, list[str]]:
