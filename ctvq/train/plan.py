@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ctvq.config.schema import CTVQConfig
+from ctvq.ct.sample import LATENT_STRIDE
 
-LATENT_CHILDREN = 512  # decoded voxels per latent cell (8^3): the decoder never prunes
+LATENT_CHILDREN = LATENT_STRIDE**3  # decoded voxels per latent cell (512): the decoder never prunes
 
 # Fitted by `python bench/memory.py --fit bench/results/memory.json bench/results/memory_check.json
 # --validation "scenario lowmem"` (CPU RSS, fp32): 31 runs of 8 configs, worst error 9.9 %; the scenario
