@@ -102,7 +102,8 @@ def make_data(folder: Path, cases: int) -> Path:
     return folder / "lung" / "manifest.csv"
 
 
-def config_for(changes: dict[str, Any], points: int, stage1: Path, path: Path) -> Path:
+def config_dict(changes: dict[str, Any], points: int, stage1: Path) -> dict[str, Any]:
+    """The base config at this benchmark's resolution and data size, with one knob's changes."""
     cfg = json.loads(BASE.read_text())
     cfg["dataset"]["args"].update(resolution=RESOLUTION, max_points=points)
     cfg["models"]["vqvae"]["args"].update(resolution=RESOLUTION // 8, sparse_backend="torch")
@@ -110,7 +111,11 @@ def config_for(changes: dict[str, Any], points: int, stage1: Path, path: Path) -
                                   ema_rate=[], disable_snapshot=True)
     for dotted, value in changes.items():
         set_key(cfg, dotted, value)
-    path.write_text(json.dumps(cfg))
+    return cfg
+
+
+def config_for(changes: dict[str, Any], points: int, stage1: Path, path: Path) -> Path:
+    path.write_text(json.dumps(config_dict(changes, points, stage1)))
     return path
 
 
@@ -133,12 +138,7 @@ def _run_config(knob: str, points: int) -> Any:
     """The validated config a recorded run trained with."""
     from ctvq.config import config_from_dict
 
-    cfg = json.loads(BASE.read_text())
-    cfg["dataset"]["args"].update(resolution=RESOLUTION, max_points=points)
-    cfg["models"]["vqvae"]["args"].update(resolution=RESOLUTION // 8, sparse_backend="torch")
-    cfg["trainer"]["args"].update(pretrained_vae_path="stage1.pt", fp16_mode=None, num_workers=0, ema_rate=[])
-    for dotted, value in KNOBS[knob].items():
-        set_key(cfg, dotted, value)
+    cfg = config_dict(KNOBS[knob], points, Path("stage1.pt"))
     return config_from_dict(cfg, origin=f"{knob} at max_points {points}")
 
 

@@ -52,14 +52,9 @@ def run_plan(a: argparse.Namespace) -> int:
     from ctvq.train import plan
 
     budget = a.memory if a.memory is not None else machine_memory_mb()
-
-    def predict(patch: dict[str, Any]) -> tuple[Any, plan.Prediction]:
-        cfg = load_config(a.config, overrides=patch or None)
-        return cfg, plan.predict_training_peak(cfg, cases)
-
     cfg = load_config(a.config)
     cases = plan.case_sizes(a.data, resolution=cfg.dataset.resolution)
-    cfg, first = predict({})
+    first = plan.predict_training_peak(cfg, cases)
     biggest = max(cases, key=lambda c: c.points)
     print(f"ctvq plan: {a.config} (stage {cfg.stage}) on {a.data}: {len(cases)} training cases, the largest "
           f"{biggest.case_id} with {biggest.points:,} points in {biggest.latent:,} latent cells")
@@ -73,7 +68,7 @@ def run_plan(a: argparse.Namespace) -> int:
     if first.peak_mb <= budget:
         print(f"fits in {_gib(budget)}")
         return 0
-    patch, applied, fitted = plan.fitting_patch(predict, budget)
+    patch, applied, fitted = plan.fitting_patch(plan.predictor(a.config, cases), budget)
     if fitted is None:
         tried = ", ".join(f"{r.key}={r.value}" for r in applied) or "nothing"
         raise ValueError(f"{a.config}: predicted {_gib(first.peak_mb)} does not fit in {_gib(budget)}, and "

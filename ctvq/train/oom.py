@@ -51,7 +51,6 @@ def _resume_point(ckpt_dir: Path, ema_rates: tuple[float, ...]) -> str:
 
 
 def _advice(cfg: CTVQConfig, config_file: Path, data: Path, device: torch.device) -> str:
-    from ctvq.config import load_config
     from ctvq.train import plan
 
     if not data.is_file():
@@ -60,12 +59,7 @@ def _advice(cfg: CTVQConfig, config_file: Path, data: Path, device: torch.device
     predicted = plan.predict_training_peak(cfg, cases).peak_mb
     total = device_memory_mb(device)
     budget = min(predicted * SHRINK, total) if total is not None else predicted * SHRINK
-
-    def predict(patch: dict) -> tuple[CTVQConfig, plan.Prediction]:
-        patched = load_config(config_file, overrides=patch or None)
-        return patched, plan.predict_training_peak(patched, cases)
-
-    patch, _, fitted = plan.fitting_patch(predict, budget)
+    patch, _, fitted = plan.fitting_patch(plan.predictor(config_file, cases), budget)
     where = f"ctvq plan predicts {predicted / 1024:.2f} GiB"
     if fitted is None:
         return f"{where}; no remedy of the reference gets it {1 - SHRINK:.0%} lower: use a larger device"

@@ -212,6 +212,18 @@ def _remedies(cfg: CTVQConfig) -> Iterator[Remedy]:
                      "the same batch in more micro-batches: slower steps, same gradients")
 
 
+def predictor(config_file: str | os.PathLike, cases: Sequence[CaseSize]
+              ) -> Callable[[dict[str, Any]], tuple[CTVQConfig, Prediction]]:
+    """patch -> (the validated patched config, its prediction on ``cases``): what ``fitting_patch`` tries."""
+    from ctvq.config import load_config
+
+    def predict(patch: dict[str, Any]) -> tuple[CTVQConfig, Prediction]:
+        cfg = load_config(config_file, overrides=patch or None)
+        return cfg, predict_training_peak(cfg, cases)
+
+    return predict
+
+
 def fitting_patch(predict: Callable[[dict[str, Any]], tuple[CTVQConfig, Prediction]], budget_mb: float,
                   max_steps: int = 16) -> tuple[dict[str, Any], list[Remedy], Prediction | None]:
     """Add remedies to a dotted-key patch until ``predict(patch)`` fits ``budget_mb``.
@@ -263,6 +275,7 @@ __all__ = [
     "parameter_counts",
     "planned_mem_mb",
     "predict_training_peak",
+    "predictor",
     "fitting_patch",
     "nested",
     "next_remedy",
