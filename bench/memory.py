@@ -1,14 +1,14 @@
 """Benchmark: peak memory of one training step for each out-of-memory knob, alone, at several data sizes.
 
 The base is the reference's scenario 2 (``configs/vqvae/stage2.json``: width 512, 8 + 8 blocks, batch 2 in 2
-micro-batches, ``use_checkpoint`` on) on chest phantoms at 256³, lung window, in fp32 (``fp16_mode`` null:
-the fp16 modes are for CUDA). Each knob is changed alone; ``max_points`` sets the data size of a step (the
-band voxels of one case after the crop). Every measurement runs one training step in a fresh process, so
-``ru_maxrss`` is its own peak. Two steps run: the optimizer's state (Adam: twice the parameters) is made at
-the end of the first, after its activations are freed, so only the second holds gradients, optimizer state
-and activations together, as every later step does. ``step_mb`` is the peak above the process's memory
-before the first step (model and data loaded). On CUDA (``--device cuda``) the CUDA allocator's peak is
-reported too.
+micro-batches, ``use_checkpoint`` on) on chest phantoms at 256³, lung window, in fp32 (``fp16_mode`` null: the
+fp16 modes are for CUDA). Each knob is changed alone; ``max_points`` sets the data size of a step (the band
+voxels of one case after the crop). Every measurement runs one training step in a fresh process and reports
+that process's own peak (VmHWM, see ``bench/rss.py``). Two steps run: the optimizer's state (Adam: twice the
+parameters) is made at the end of the first, after its activations are freed, so only the second holds
+gradients, optimizer state and activations together, as every later step does. ``step_mb`` is the peak above
+the process's memory before the first step (model and data loaded). On CUDA (``--device cuda``) the CUDA
+allocator's peak is reported too.
 
     .venv/bin/python bench/memory.py [--points 10000 40000 80000 160000] [--threads 2]
         [--device cpu] [--out bench/results/memory.json]
@@ -20,14 +20,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from quality import set_key  # bench/ is the script's folder, so its sibling imports by name
+from quality import set_key  # bench/ is the script's folder, so its siblings import by name
+from rss import current_rss_mb, peak_rss_mb
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "vqvae" / "stage2.json"
 RESOLUTION = 256
@@ -53,16 +53,27 @@ KNOBS: dict[str, dict[str, Any]] = {
                         "models.vqvae.args.num_head_channels": 32, "models.vqvae.args.window_size": 4},
     "model_channels 256 no checkpoint": {"models.vqvae.args.model_channels": 256,
                                          "models.vqvae.args.use_checkpoint": False},
+    # stage 1 from scratch (no Direct3D-S2 weights): the reference's codebook stage (EMA codebook, nothing
+    # trainable) and ctvq's autoencoder warm-up (encoder and decoder train, the quantizer is bypassed)
+    "stage 1 codebook": {"trainer.args.training_stage": 1, "trainer.args.pretrained_vae_path": None},
+    "stage 1 autoencoder": {"trainer.args.training_stage": 1, "trainer.args.pretrained_vae_path": None,
+                            "trainer.args.stage1_mode": "autoencoder"},
 }
 DEFAULT_KNOBS = list(KNOBS)[:7]
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+# Evaluation decodes whole cases without gradients: what matters is the width of the full-resolution blocks,
+# chunk_size (one chunk's voxels at a time) and the case's size. The knobs change the same base config.
+TINY = {k: v for k, v in KNOBS["tiny"].items() if k != "models.vqvae.args.use_checkpoint"}
+EVAL_KNOBS: dict[str, dict[str, Any]] = {
+    "tiny": TINY,
+    "tiny chunk 4": {**TINY, "models.vqvae.args.chunk_size": 4},
+    "model_channels 256": {"models.vqvae.args.model_channels": 256, "models.vqvae.args.num_blocks": 4},
+    "model_channels 256 chunk 4": {"models.vqvae.args.model_channels": 256, "models.vqvae.args.num_blocks": 4,
+                                   "models.vqvae.args.chunk_size": 4},
+    "base": {},
+    "base chunk 2": {"models.vqvae.args.chunk_size": 2},
+    "base chunk 4": {"models.vqvae.args.chunk_size": 4},
+}
+EVAL_RESOLUTIONS = (64, 128, 256)  # phantoms made at each; --eval-data adds manifests (e.g. real CT at 512)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -84,9 +95,9 @@ def child(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer.train_step(micro)  # the optimizer's state appears at the end of the first step, after the
-    first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # activations are freed:
+    first = peak_rss_mb()  # activations are freed:
     trainer.train_step(next(batches, micro))  # the second step holds both, as every later one does
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = peak_rss_mb()
     out = {"peak_rss_mb": peak, "first_step_peak_rss_mb": first, "rss_before_mb": before,
            "points": int(sum(int(m["coords"].shape[0]) for m in micro))}
     out["step_mb"] = out["peak_rss_mb"] - before
@@ -95,18 +106,91 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
-def make_data(folder: Path, cases: int) -> Path:
+def eval_child(args: argparse.Namespace) -> None:
+    """`ctvq eval` of one checkpoint on one manifest, in this fresh process; prints its peak RSS."""
+    from ctvq.cli import main as ctvq_main
+
+    metrics = Path(args.work) / "m.json"
+    code = ctvq_main(["eval", "--ckpt", args.ckpt, "--data", args.data, "-o", str(metrics),
+                      "--allow-collapse"])
+    faces = {k: json.loads(metrics.read_text()).get(k) for k in ("input_faces", "recon_faces")}
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(),
+                      "returncode": code, **faces}))
+
+
+def largest_case_manifest(manifest: Path, out: Path) -> dict[str, Any]:
+    """A one-row copy of ``manifest`` holding its largest ok case (absolute sample path); that row."""
+    import pandas as pd
+
+    from ctvq.ct.manifest import read_manifest
+
+    table = read_manifest(manifest)
+    table = table[table["status"] == "ok"].sort_values("num_points", ascending=False).head(1).copy()
+    table["sample_path"] = [str((manifest.parent / p).resolve()) for p in table["sample_path"]]
+    table["split"] = "val"
+    pd.DataFrame(table).to_csv(out, index=False)
+    row = table.iloc[0]
+    return {"case_id": str(row["case_id"]), "sample": row["sample_path"], "points": int(row["num_points"]),
+            "resolution": int(row["resolution"])}
+
+
+def eval_runs(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Peak RSS of `ctvq eval` per eval knob on the largest case of each data set. Each model trains one
+    step first (`ctvq train --max-steps 1`), so the checkpoint and its run folder are the real ones."""
+    import numpy as np
+
+    from ctvq.config import load_config
+    from ctvq.train import plan
+
+    sets = [(r, make_data(work / f"data{r}", args.cases, r)) for r in args.eval_resolutions]
+    sets += [(None, Path(m).resolve()) for m in args.eval_data]
+    runs = []
+    for number, (_, manifest) in enumerate(sets):
+        case = largest_case_manifest(manifest, work / f"case{number}.csv")
+        resolution = case["resolution"]
+        with np.load(case["sample"]) as data:
+            latent = data["latent_coords"]
+        for knob in args.eval_knobs:
+            changes = EVAL_KNOBS[knob]
+            tag = f"e{len(runs)}"
+            weights = stage1_weights(changes, work / f"{tag}_stage1.pt", resolution)
+            config = config_for(changes, 2000, weights, work / f"{tag}.json", resolution)
+            train = [sys.executable, "-m", "ctvq", "train", "--config", str(config), "--data", str(manifest),
+                     "--output-dir", str(work / tag), "--max-steps", "1", "--threads", str(args.threads),
+                     "--no-tensorboard"]
+            trained = subprocess.run(train, capture_output=True, text=True)
+            if trained.returncode:
+                raise SystemExit(f"{knob}: training one step failed:\n{trained.stderr[-3000:]}")
+            cmd = [sys.executable, __file__, "--eval-child", "--ckpt", str(work / tag / "ckpts" / "final.pt"),
+                   "--data", str(work / f"case{number}.csv"), "--work", str(work / tag)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode:
+                raise SystemExit(f"{knob}: ctvq eval failed:\n{done.stderr[-3000:]}")
+            cfg = load_config(config)
+            size = plan.eval_case_size(case["case_id"], latent, cfg.model.resolution, cfg.model.chunk_size)
+            run = {"knob": knob, "resolution": resolution, "manifest": str(manifest), **case,
+                   "cells": size.cells, "chunk_cells": size.chunk_cells, "box_voxels": size.box_voxels,
+                   **json.loads(done.stdout.strip().splitlines()[-1])}
+            runs.append(run)
+            print(f"eval {knob:28s} {resolution:4d}^3 {case['case_id']:14s} {size.cells:6d} cells "
+                  f"(chunk {size.chunk_cells:6d}): peak RSS {run['peak_rss_mb']:7.0f} MB", flush=True)
+    return runs
+
+
+def make_data(folder: Path, cases: int, resolution: int = RESOLUTION) -> Path:
     from ctvq.ct.demo import run_demo
 
-    run_demo(folder, cases, RESOLUTION, ["lung"])
+    run_demo(folder, cases, resolution, ["lung"])
     return folder / "lung" / "manifest.csv"
 
 
-def config_dict(changes: dict[str, Any], points: int, stage1: Path) -> dict[str, Any]:
+def config_dict(changes: dict[str, Any], points: int, stage1: Path, resolution: int = RESOLUTION
+                ) -> dict[str, Any]:
     """The base config at this benchmark's resolution and data size, with one knob's changes."""
     cfg = json.loads(BASE.read_text())
-    cfg["dataset"]["args"].update(resolution=RESOLUTION, max_points=points)
-    cfg["models"]["vqvae"]["args"].update(resolution=RESOLUTION // 8, sparse_backend="torch")
+    cfg["dataset"]["args"].update(resolution=resolution, max_points=points)
+    cfg["models"]["vqvae"]["args"].update(resolution=resolution // 8, sparse_backend="torch")
     cfg["trainer"]["args"].update(pretrained_vae_path=str(stage1), fp16_mode=None, num_workers=0,
                                   ema_rate=[], disable_snapshot=True)
     for dotted, value in changes.items():
@@ -114,12 +198,13 @@ def config_dict(changes: dict[str, Any], points: int, stage1: Path) -> dict[str,
     return cfg
 
 
-def config_for(changes: dict[str, Any], points: int, stage1: Path, path: Path) -> Path:
-    path.write_text(json.dumps(config_dict(changes, points, stage1)))
+def config_for(changes: dict[str, Any], points: int, stage1: Path, path: Path, resolution: int = RESOLUTION
+               ) -> Path:
+    path.write_text(json.dumps(config_dict(changes, points, stage1, resolution)))
     return path
 
 
-def stage1_weights(changes: dict[str, Any], path: Path) -> Path:
+def stage1_weights(changes: dict[str, Any], path: Path, resolution: int = RESOLUTION) -> Path:
     """A stage-1 checkpoint of the (changed) model's initial weights, which stage 2 starts from."""
     import torch
 
@@ -127,7 +212,7 @@ def stage1_weights(changes: dict[str, Any], path: Path) -> Path:
     from ctvq.models.vqvae import SparseSDFVQVAE
     from ctvq.train.checkpoint import atomic_torch_save, model_payload
 
-    probe = config_for(changes, 1000, path, path.with_suffix(".json"))
+    probe = config_for(changes, 1000, path, path.with_suffix(".json"), resolution)
     torch.manual_seed(0)
     model = SparseSDFVQVAE(**load_config(probe).model.to_dict()["args"])
     atomic_torch_save(model_payload(model.state_dict(), model.config, 1, 0), path)
@@ -202,6 +287,63 @@ def fit(paths: list[Path], refit: bool, validation: list[str]) -> int:
     return 0
 
 
+def eval_run_config(run: dict[str, Any]) -> Any:
+    """The validated config a recorded `--eval` run evaluated."""
+    from ctvq.config import config_from_dict
+
+    cfg = config_dict(EVAL_KNOBS[run["knob"]], 2000, Path("stage1.pt"), run["resolution"])
+    return config_from_dict(cfg, origin=f"{run['knob']} at {run['resolution']}^3")
+
+
+def fit_eval(paths: list[Path]) -> int:
+    """Fit ctvq.train.plan's evaluation coefficients to recorded `--eval` runs; print them, the error of
+    each run, and its error when its knob's runs are left out of the fit."""
+    import numpy as np
+
+    from ctvq.train import plan
+
+    rows = []
+    for path in paths:
+        for run in json.loads(path.read_text())["runs"]:
+            cfg = eval_run_config(run)
+            size = plan.EvalCaseSize(run["case_id"], run["cells"], run["chunk_cells"], run["box_voxels"])
+            total = plan.parameter_counts(cfg)[0]
+            chunk = size.chunk_cells * plan.LATENT_CHILDREN / 1024.0
+            channels = plan.full_resolution_channels(cfg)
+            x = [1.0, total / 2**20, chunk, chunk * channels, size.box_voxels / 2**20]
+            rows.append({"run": run, "cfg": cfg, "size": size, "total": total, "x": x})
+    names = list(plan.EVAL_COEFFICIENTS)
+
+    def solve(subset: list[dict]) -> dict[str, float]:
+        """Non-negative least squares: every term is memory held, and the chunk, case and box sizes move
+        together, so plain least squares trades them off with negative costs that extrapolate wrongly."""
+        from scipy.optimize import nnls
+
+        a = np.array([r["x"] for r in subset])
+        y = np.array([r["run"]["peak_rss_mb"] for r in subset])
+        return dict(zip(names, map(float, nnls(a, y)[0]), strict=True))
+
+    def error(row: dict, coefficients: dict[str, float]) -> float:
+        predicted = plan.predict_eval_peak(row["cfg"], [row["size"]], coefficients, row["total"]).peak_mb
+        return 100.0 * (predicted - row["run"]["peak_rss_mb"]) / row["run"]["peak_rss_mb"]
+
+    coefficients = solve(rows)
+    print("EVAL_COEFFICIENTS =", json.dumps({k: round(v, 4) for k, v in coefficients.items()}))
+    print(f"{'knob':28s} {'res':>4s} {'cells':>6s} {'chunk':>6s} {'measured MB':>11s} {'error %':>8s} "
+          f"{'knob held out %':>15s}")
+    worst = 0.0
+    for knob in dict.fromkeys(r["run"]["knob"] for r in rows):
+        held = solve([r for r in rows if r["run"]["knob"] != knob])
+        for row in (r for r in rows if r["run"]["knob"] == knob):
+            e, h = error(row, coefficients), error(row, held)
+            worst = max(worst, abs(e))
+            size = row["size"]
+            print(f"{knob:28s} {row['run']['resolution']:4d} {size.cells:6d} {size.chunk_cells:6d} "
+                  f"{row['run']['peak_rss_mb']:11.0f} {e:8.1f} {h:15.1f}")
+    print(f"worst error {worst:.1f} %")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, nargs="+", default=[10000, 40000, 80000, 160000])
@@ -216,7 +358,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the error of ctvq.train.plan's coefficients on finished runs")
     parser.add_argument("--validation", nargs="*", default=[], metavar="KNOB",
                         help="with --fit: knobs whose runs are predicted but not fitted")
+    parser.add_argument("--eval", action="store_true",
+                        help="measure `ctvq eval` instead of training steps (out: memory_eval.json)")
+    parser.add_argument("--eval-knobs", nargs="+", choices=list(EVAL_KNOBS), default=list(EVAL_KNOBS))
+    parser.add_argument("--eval-resolutions", type=int, nargs="*", default=list(EVAL_RESOLUTIONS))
+    parser.add_argument("--eval-data", nargs="*", default=[], metavar="MANIFEST",
+                        help="with --eval: more data sets, e.g. a 512 manifest of real CT (its largest case)")
+    parser.add_argument("--fit-eval", type=Path, nargs="+", default=None, metavar="RUNS_JSON",
+                        help="fit ctvq.train.plan's evaluation coefficients to finished --eval runs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--eval-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -224,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
+    if args.eval_child:
+        eval_child(args)
+        return 0
+    if args.fit_eval:
+        return fit_eval(args.fit_eval)
     if args.fit or args.check:
         return fit(args.fit or args.check, refit=args.fit is not None, validation=args.validation)
     from ctvq.atomic import atomic_write_text
@@ -234,6 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(), "command": " ".join([sys.executable, *sys.argv]), "runs": []}
     with tempfile.TemporaryDirectory(prefix="ctvq-bench-memory-") as tmp:
         work = Path(tmp)
+        if args.eval:
+            results["benchmark"] = "memory_eval"
+            results["runs"] = eval_runs(args, work)
+            default = args.out == Path("bench/results/memory.json")
+            out = Path("bench/results/memory_eval.json") if default else args.out
+            atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+            print(f"wrote {out}")
+            return 0
         data = make_data(work / "data", args.cases)
         from ctvq.ct.manifest import read_manifest
 

@@ -1,13 +1,13 @@
 """Benchmark: SparseSDFVQVAE train-step time and peak memory vs input points; decoder memory vs chunk_size.
 
-Train-step inputs are narrow bands (|d| <= 3 voxels) around spheres on the 512³ grid, sized to hold about
-the requested number of points, with exact decoder targets. The decode benchmark feeds the decoder
-latent cells with random codes laid out like an object that fills the grid (4³ small shells of
-``--decode-radius`` cells on a lattice, one per chunk of chunk_size 4): chunking pays off only when the
-object spans the chunks, as a CT volume does. Each
-measurement runs in a fresh subprocess so that peak memory is that run's own: on CPU the peak resident set
-(ru_maxrss) above the RSS measured just before the step (for the decode: after a warm-up decode of 8 cells),
-on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the step. Writes JSON.
+Train-step inputs are narrow bands (|d| <= 3 voxels) around spheres on the 512³ grid, sized to hold about the
+requested number of points, with exact decoder targets. The decode benchmark feeds the decoder latent cells
+with random codes laid out like an object that fills the grid (4³ small shells of ``--decode-radius`` cells on
+a lattice, one per chunk of chunk_size 4): chunking pays off only when the object spans the chunks, as a CT
+volume does. Each measurement runs in a fresh subprocess so that peak memory is that run's own: on CPU the
+peak resident set (VmHWM, `bench/rss.py`) above the RSS measured just before the step (for the decode: after a
+warm-up decode of 8 cells), on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the step.
+Writes JSON.
 
     .venv/bin/python bench/model.py [--points 5000 20000 80000 160000] [--decode-radius 2]
         [--model-channels 512] [--num-blocks 4] [--device cpu] [--threads 2] [--out bench/results/model.json]
@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rss import peak_rss_mb  # bench/ is the script's folder, so its siblings import by name
 
 BAND = 3.0
 GRID = 512
@@ -85,7 +86,7 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return int(peak_rss_mb() * 2**20)
 
 
 def _model(args: argparse.Namespace, chunk_size: int, device: torch.device):  # type: ignore[no-untyped-def]

@@ -7,12 +7,12 @@ written as the CLI writes them); only the sdf step differs:
 - ``reference``: the straightforward method: ``scipy.ndimage.distance_transform_edt`` of the inside and of
   the outside over the full grid, signed, shifted by half a voxel (centre-to-surface), then truncated.
 
-Each method and window runs in a fresh subprocess, so ``ru_maxrss`` is that run's own peak. Accuracy is
-measured against the exact distance to the marching-cubes surface of the windowed volume (point-to-
-triangle distances) on a random sample of voxels within the band in a crop with a safety margin.
-The surface cleaning (``ctvq.ct.surface``: smoothing, body mask, island removal) is timed on its own in
-the narrow-band run, step by step on the same scan, and reported as a share of that run's total.
-``--input`` runs a real scan instead of the phantom. Writes JSON (default ``bench/results/preprocess.json``).
+Each method and window runs in a fresh subprocess, and reports that run's own peak (VmHWM, ``bench/rss.py``).
+Accuracy is measured against the exact distance to the marching-cubes surface of the windowed volume
+(point-to-triangle distances) on a random sample of voxels within the band in a crop with a safety margin. The
+surface cleaning (``ctvq.ct.surface``: smoothing, body mask, island removal) is timed on its own in the
+narrow-band run, step by step on the same scan, and reported as a share of that run's total. ``--input`` runs
+a real scan instead of the phantom. Writes JSON (default ``bench/results/preprocess.json``).
 
     .venv/bin/python bench/preprocess.py [--resolution 512] [--windows lung bone]
         [--shape 512 512 200] [--spacing 0.7 0.7 1.5] [--samples 20000] [--out bench/results/preprocess.json]
@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rss import peak_rss_mb  # bench/ is the script's folder, so its siblings import by name
 
 METHODS = ("narrow_band", "reference")
 
@@ -68,7 +68,7 @@ def _child(args: argparse.Namespace) -> None:
         cleaning = _cleaning_seconds(Path(args.scan), args.window, args.resolution)
     print(json.dumps({"seconds": seconds, "total_seconds": sum(seconds.values()),
                       "cleaning_seconds": cleaning,
-                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "peak_rss_gib": peak_rss_mb() / 1024,
                       "num_points": int(field.coords.shape[0]), "sample": str(sample)}))
 
 

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rss import peak_rss_mb  # bench/ is the script's folder, so its siblings import by name
 
 from ctvq.config import CTVQConfig, load_config
 from ctvq.train.checkpoint import atomic_torch_save, model_payload
@@ -41,10 +41,6 @@ HEALTH_VARIANTS: dict[str, dict[str, Any]] = {
     "kmeans_init+ema_update+restart_1.0": {"codebook_init": "kmeans", "codebook_update": "ema",
                                            "dead_code_threshold": 1.0},
 }
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
 def with_changes(cfg: CTVQConfig, trainer: dict[str, Any] | None = None,

@@ -7,10 +7,11 @@ import textwrap
 
 import pytest
 
-# Runs in a fresh interpreter so ru_maxrss is this workload's peak, not the test session's.
+# Runs in a fresh interpreter and reads its VmHWM, its own address space's peak. Not ru_maxrss: Linux carries
+# the parent's high-water mark (this test session's, GBs) into a child's ru_maxrss, so peak - base read 0.
 PROBE = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import torch
     from ctvq.sparse.attention import SparseTransformerBlock, block_attention_args
 
@@ -22,7 +23,12 @@ PROBE = textwrap.dedent(
         xyz = torch.stack([flat // (side * side), (flat // side) % side, flat % side], dim=1)
         parts.append(torch.cat([torch.full((per_sample, 1), b), xyz], dim=1))
     coords = torch.cat(parts)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def peak_kib():
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+    base = peak_kib()
     for mode in sys.argv[1:]:
         for index in (0, 1):
             args = block_attention_args(mode, 8, index)
@@ -32,7 +38,7 @@ PROBE = textwrap.dedent(
             block(x, coords).square().mean().backward()
             if not torch.isfinite(x.grad).all():
                 raise SystemExit("non-finite gradient")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_kib()
     print(json.dumps({"n": coords.shape[0], "base_mib": base / 1024, "peak_mib": peak / 1024}))
     """
 )

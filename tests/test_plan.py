@@ -100,3 +100,86 @@ def test_a_manifest_at_another_resolution_is_refused(manifest: Path, capsys):
     assert main(["plan", "--config", str(stage2), "--data", str(manifest)]) == 2
     assert "samples at resolution 64, but the config trains at dataset.args.resolution 512" in \
         capsys.readouterr().err
+
+
+def test_an_eval_case_is_sized_by_its_largest_chunk_with_halo_and_its_box():
+    import numpy as np
+
+    near = np.array([[x, y, z] for x in range(2) for y in range(2) for z in range(2)])  # 8 cells at 0
+    far = 12 + np.array([[x, y, z] for x in range(3) for y in range(3) for z in range(3)])  # 27 at 12-14
+    cells = np.concatenate([near, far])
+    whole = plan.eval_case_size("c", cells, resolution=16, chunk_size=1)
+    assert (whole.cells, whole.chunk_cells) == (35, 35)
+    assert whole.box_voxels == (15 * 8 + 2) ** 3  # cells 0..14 on each axis, one voxel of padding per side
+    # chunk_size 2: 8^3-cell chunks whose halo of 4 cells never reaches the other cluster
+    assert plan.eval_case_size("c", cells, resolution=16, chunk_size=2).chunk_cells == 27
+    cfg = load_config(TINY)
+    one = plan.predict_eval_peak(cfg, [whole]).parts
+    split = plan.predict_eval_peak(cfg, [plan.eval_case_size("c", cells, 16, 2)]).parts
+    assert split["decoding (largest chunk)"] < one["decoding (largest chunk)"]
+    assert split["dense box (metrics, meshes)"] == one["dense box (metrics, meshes)"]  # the whole case's box
+
+
+def test_requests_out_writes_each_jobs_request_and_checks_no_budget(manifest: Path, tmp_path: Path, capsys):
+    out = tmp_path / "requests.json"
+    assert main(["plan", "--config", str(TINY), "--data", str(manifest), "--requests-out", str(out)]) == 0
+    requests = json.loads(out.read_text())
+    cfg = load_config(TINY)
+    train = plan.predict_training_peak(cfg, plan.case_sizes(manifest)).peak_mb
+    latents = plan.largest_eval_cases(manifest, 64)
+    evaluation = plan.predict_eval_peak(cfg, plan.eval_sizes(cfg, latents)).peak_mb
+    assert requests["train_mem_mb"] == plan.request_mb(train) and requests["train_peak_mb"] == round(train)
+    assert requests["eval_mem_mb"] == plan.request_mb(evaluation)
+    assert plan.request_mb(5000.0) == 6300 and plan.request_mb(10.0) == plan.MIN_REQUEST_MB
+    assert "evaluation, as configured: largest case case2" in capsys.readouterr().out
+
+
+def test_evaluation_that_does_not_fit_gets_a_larger_chunk_size(tmp_path: Path, capsys):
+    """Training crops to max_points, evaluation decodes whole cases: a budget between the two peaks is met by
+    chunking the decoder, and the patched config validates. At 256^3 (a 32^3 latent grid) a chunk and its
+    halo of 4 cells are a part of the case; at 64^3 the halo alone spans the grid."""
+    manifest = write_manifest(tmp_path / "m.csv", write_cases(tmp_path, [70.0], resolution=256))
+    small = json.loads(TINY.read_text())
+    small["dataset"]["args"].update(max_points=2000, resolution=256)
+    small["models"]["vqvae"]["args"]["resolution"] = 32
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps(small))
+    cfg = load_config(config)
+    latents = plan.largest_eval_cases(manifest, 256)
+    train = plan.predict_training_peak(cfg, plan.case_sizes(manifest)).peak_mb
+    evaluation = plan.predict_eval_peak(cfg, plan.eval_sizes(cfg, latents))
+    chunked = load_config(config, overrides={"models.vqvae.args.chunk_size": 4})
+    chunk4 = plan.predict_eval_peak(chunked, plan.eval_sizes(chunked, latents))
+    assert train < chunk4.peak_mb < evaluation.peak_mb
+    budget = (chunk4.peak_mb + evaluation.peak_mb) / 2
+    out = tmp_path / "patch.json"
+    code = main(["plan", "--config", str(config), "--data", str(manifest), "--memory", f"{budget:.1f}MiB",
+                 "--patch-out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 1 and "models.vqvae.args.chunk_size" in printed, printed
+    patch = json.loads(out.read_text())
+    small["models"]["vqvae"]["args"].update(patch["models"]["vqvae"]["args"])
+    config.write_text(json.dumps(small))
+    assert main(["validate-config", str(config)]) == 0
+    patched = load_config(config)
+    assert plan.predict_eval_peak(patched, plan.eval_sizes(patched, latents)).peak_mb <= budget
+
+
+def test_shipped_eval_coefficients_predict_every_benchmark_run_within_20_percent():
+    """`ctvq eval` runs of bench/results/memory_eval*.json against the evaluation model ctvq plan uses."""
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from memory import eval_run_config
+    finally:
+        sys.path.remove(str(BENCH))
+    errors = {}
+    for path in sorted((BENCH / "results").glob("memory_eval*.json")):
+        for run in json.loads(path.read_text())["runs"]:
+            size = plan.EvalCaseSize(run["case_id"], run["cells"], run["chunk_cells"], run["box_voxels"])
+            predicted = plan.predict_eval_peak(eval_run_config(run), [size]).peak_mb
+            errors[f"{path.name}: {run['knob']} @ {run['resolution']}"] = predicted / run["peak_rss_mb"] - 1
+    assert len(errors) >= 16
+    worst = max(errors, key=lambda k: abs(errors[k]))
+    assert abs(errors[worst]) <= 0.20, f"{worst}: {errors[worst]:+.1%}"

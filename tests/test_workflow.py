@@ -70,7 +70,7 @@ def test_dry_run_lists_one_job_per_case_and_window(tmp_path: Path) -> None:
     run = _snakemake(tmp_path, "-n", "--cores", "1")
     assert run.returncode == 0, run.stderr
     counts = _job_counts(run.stdout + run.stderr)
-    assert counts == {"phantom": 3, "window": 6, "sdf": 6, "index": 6, "manifest": 2,
+    assert counts == {"phantom": 3, "window": 6, "sdf": 6, "index": 6, "manifest": 2, "plan": 2,
                       "train_stage1": 1, "train_stage2": 1, "evaluate": 1, "all": 1}
 
 
@@ -124,21 +124,27 @@ def test_band_per_window_reaches_sdf_and_training(tmp_path: Path) -> None:
     assert re.search(rf"train .*--window bone --band {default_band('bone')} ", said)
 
 
-def test_training_memory_comes_from_ctvq_plan_when_mem_mb_is_null(tmp_path: Path) -> None:
-    from ctvq.train.plan import planned_mem_mb
-
-    configs = ROOT / "configs" / "vqvae"
-    train = {"windows": ["lung"], "stage1_config": str(configs / "tiny_stage1.json"),
-             "stage2_config": str(configs / "tiny_stage2.json"), "mem_mb": None}
-    _write_config(tmp_path, train=train)
+def test_job_memory_comes_from_ctvq_plan_unless_mem_mb_is_given(tmp_path: Path) -> None:
+    _write_config(tmp_path)  # train.mem_mb and evaluate.mem_mb: null, the defaults
     said = _snakemake(tmp_path, "-n", "--cores", "1").stdout
-    assert said.count("mem_mb=<TBD>") == 2, said  # both stages: the manifest is not there yet
+    assert _job_counts(said)["plan"] == 2, said  # one per stage of the window
+    assert said.count("mem_mb=<TBD>") == 3, said  # both training jobs and evaluation: no plan yet
     (tmp_path / "results" / "manifests").mkdir(parents=True)
-    manifest = write_manifest(tmp_path / "results" / "manifests" / "lung.csv",
-                              write_cases(tmp_path / "samples", [10.0, 20.0]))
-    said = _snakemake(tmp_path, "-n", "--cores", "1", "--", "results/train/lung/stage1/ckpts/final.pt").stdout
-    expected = planned_mem_mb(configs / "tiny_stage1.json", manifest)
-    assert f"mem_mb={expected}," in said, said
+    write_manifest(tmp_path / "results" / "manifests" / "lung.csv",
+                   write_cases(tmp_path / "samples", [10.0, 20.0]))
+    plans = [f"results/train/lung/plan/stage{stage}.json" for stage in (1, 2)]
+    run = _snakemake(tmp_path, "--cores", "1", "--", *plans)  # the plan rule runs `ctvq plan` for real
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    stage1, stage2 = (json.loads((tmp_path / p).read_text()) for p in plans)
+    assert stage1["train_mem_mb"] >= stage1["train_peak_mb"] * 1.25 and stage2["eval_mem_mb"] >= 1000
+    said = _snakemake(tmp_path, "-n", "--cores", "1").stdout
+    assert f"mem_mb={stage1['train_mem_mb']}," in said and f"mem_mb={stage2['eval_mem_mb']}," in said, said
+    _write_config(tmp_path, train={"windows": ["lung"], "stage1_config": str(ROOT / "configs" / "vqvae" /
+                                                                             "tiny_stage1.json"),
+                                   "stage2_config": str(ROOT / "configs" / "vqvae" / "tiny_stage2.json"),
+                                   "mem_mb": 6000}, evaluate={"mem_mb": 5000, "allow_collapse": True})
+    said = _snakemake(tmp_path, "-n", "--cores", "1", "--forceall").stdout
+    assert "plan" not in _job_counts(said) and "mem_mb=6000," in said and "mem_mb=5000," in said, said
 
 
 def test_workflow_messages_name_the_configfile_given(tmp_path: Path) -> None:
@@ -227,7 +233,7 @@ def test_full_run_trains_evaluates_and_a_second_run_does_nothing(tmp_path: Path)
     edited.write_text(json.dumps(stage2))
     _write_config(tmp_path, train={**ran["train"], "stage2_config": str(edited)})
     counts = _job_counts(_snakemake(tmp_path, "-n", "--cores", "2").stdout)
-    assert counts == {"all": 1, "evaluate": 1, "train_stage2": 1}, counts
+    assert counts == {"all": 1, "plan": 1, "evaluate": 1, "train_stage2": 1}, counts  # stage 2 replanned
 
 
 @pytest.mark.slow

@@ -1,7 +1,10 @@
-"""``ctvq plan``: will this config's training step fit in memory on this data, and if not, what patch does.
+"""``ctvq plan``: will this config's training step, and `ctvq eval` of its model, fit in memory on this
+data, and if not, what patch does.
 
-Exit 0: it fits as configured. Exit 1: it does not, and the printed JSON patch (merge it into the config)
-makes it fit. Exit 2: bad input, or nothing in the reference's remedies makes it fit.
+Exit 0: both fit as configured. Exit 1: one does not, and the printed JSON patch (merge it into the config)
+makes both fit. Exit 2: bad input, or nothing in the reference's remedies makes it fit. ``--requests-out``
+writes the memory to request for each job (the workflow's mem_mb) whatever the budget; without
+``--memory`` it then checks no budget (the machine planning is rarely the one training).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def configure_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where training runs (the model is calibrated on CPU; for cuda it prints a note)")
     p.add_argument("--patch-out", type=Path, default=None, help="also write the fitting patch (JSON) here")
+    p.add_argument("--requests-out", type=Path, default=None,
+                   help="write the memory requests (JSON: train_mem_mb, eval_mem_mb: the predictions "
+                        "+ 25 %%, at least 1000 MB) for a scheduler; without --memory, no budget is checked")
 
 
 def _gib(mb: float) -> str:
@@ -51,33 +57,55 @@ def run_plan(a: argparse.Namespace) -> int:
     from ctvq.atomic import atomic_write_text
     from ctvq.train import plan
 
-    budget = a.memory if a.memory is not None else machine_memory_mb()
     cfg = load_config(a.config)
     cases = plan.case_sizes(a.data, resolution=cfg.dataset.resolution)
+    latents = plan.largest_eval_cases(a.data, cfg.dataset.resolution)
     first = plan.predict_training_peak(cfg, cases)
+    first_eval = plan.predict_eval_peak(cfg, plan.eval_sizes(cfg, latents))
     biggest = max(cases, key=lambda c: c.points)
     print(f"ctvq plan: {a.config} (stage {cfg.stage}) on {a.data}: {len(cases)} training cases, the largest "
           f"{biggest.case_id} with {biggest.points:,} points in {biggest.latent:,} latent cells")
-    _report("as configured", first)
+    _report("training, as configured", first)
+    _report("evaluation, as configured", first_eval)
     if cfg.stage == 1:
         print("  note: stage 1 is not in the fitted benchmark; its frozen parts keep no gradients or "
               "optimizer state, and their activations are counted as in stage 2 (an upper bound)")
     if a.device == "cuda":
         print("  note: not calibrated on a GPU yet: this is the CPU (fp32 RSS) model, whose process base is "
               "host memory on CUDA and which leaves out the CUDA context")
-    if first.peak_mb <= budget:
+    if a.requests_out is not None:
+        requests = {"config": str(a.config), "manifest": str(a.data),
+                    "train_peak_mb": round(first.peak_mb), "train_mem_mb": plan.request_mb(first.peak_mb),
+                    "eval_peak_mb": round(first_eval.peak_mb),
+                    "eval_mem_mb": plan.request_mb(first_eval.peak_mb)}
+        atomic_write_text(a.requests_out, json.dumps(requests, indent=2) + "\n")
+        print(f"requests: training {requests['train_mem_mb']} MB, evaluation {requests['eval_mem_mb']} MB; "
+              f"wrote {a.requests_out}")
+        if a.memory is None:
+            return 0
+    budget = a.memory if a.memory is not None else machine_memory_mb()
+    if first.peak_mb <= budget and first_eval.peak_mb <= budget:
         print(f"fits in {_gib(budget)}")
         return 0
     patch, applied, fitted = plan.fitting_patch(plan.predictor(a.config, cases), budget)
-    if fitted is None:
-        tried = ", ".join(f"{r.key}={r.value}" for r in applied) or "nothing"
-        raise ValueError(f"{a.config}: predicted {_gib(first.peak_mb)} does not fit in {_gib(budget)}, and "
+    fitted_eval = None
+    if fitted is not None:
+        patch, fitted_eval = plan.eval_chunk_patch(a.config, latents, budget, patch)
+    if fitted is None or fitted_eval is None:
+        tried = ", ".join(f"{k}={json.dumps(v)}" for k, v in patch.items()) or "nothing"
+        what = "training" if fitted is None else "evaluation"
+        peak = first.peak_mb if fitted is None else first_eval.peak_mb
+        raise ValueError(f"{a.config}: {what}'s predicted {_gib(peak)} does not fit in {_gib(budget)}, and "
                          f"the reference's remedies do not make it fit (tried {tried}); use a machine with "
                          "more memory or a smaller resolution")
     print(f"does not fit in {_gib(budget)}; the reference's remedies, in order:")
     for remedy in applied:
         print(f"  {remedy.key} = {json.dumps(remedy.value)}: {remedy.cost}")
-    _report("with the patch", fitted)
+    chunk = patch.get("models.vqvae.args.chunk_size")
+    if chunk is not None and all(r.key != "models.vqvae.args.chunk_size" for r in applied):
+        print(f"  models.vqvae.args.chunk_size = {chunk}: evaluation decodes one chunk at a time (slower)")
+    _report("training, with the patch", fitted)
+    _report("evaluation, with the patch", fitted_eval)
     text = json.dumps(plan.nested(patch), indent=2)
     print("patch (merge into the config):")
     print(text)
@@ -88,7 +116,14 @@ def run_plan(a: argparse.Namespace) -> int:
 
 
 def _report(label: str, prediction: Any) -> None:
+    from ctvq.train.plan import EvalCaseSize
+
     d = prediction.data
     parts = ", ".join(f"{name} {mb:,.0f} MB" for name, mb in prediction.parts.items())
-    print(f"  {label}: micro-batch of {d.samples} case(s), {d.points:,} points, {d.latent:,} latent cells "
-          f"({d.decoded:,} decoded voxels): {parts}; peak {_gib(prediction.peak_mb)}")
+    if isinstance(d, EvalCaseSize):
+        what = (f"largest case {d.case_id}, {d.cells:,} latent cells, {d.chunk_cells:,} in its largest chunk "
+                f"with halo, a {d.box_voxels:,}-voxel box")
+    else:
+        what = (f"micro-batch of {d.samples} case(s), {d.points:,} points, {d.latent:,} latent cells "
+                f"({d.decoded:,} decoded voxels)")
+    print(f"  {label}: {what}: {parts}; peak {_gib(prediction.peak_mb)}")

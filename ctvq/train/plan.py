@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ctvq.config.schema import CTVQConfig
 from ctvq.ct.sample import LATENT_STRIDE
 
@@ -43,6 +45,16 @@ COEFFICIENTS: dict[str, float] = {
     "channel_kb_checkpoint": -0.0046,
     "voxel_kb": 0.421,
     "channel_kb": 0.0303,
+}
+
+# `ctvq eval` (CPU RSS, fp32), fitted (non-negative) by `python bench/memory.py --fit-eval
+# bench/results/memory_eval.json`: 21 runs of 7 configs on phantoms at 64-256^3, worst error 6.2 %.
+EVAL_COEFFICIENTS: dict[str, float] = {
+    "base_mb": 360.0,
+    "weight_bytes": 4.485,
+    "chunk_voxel_kb": 0.7392,
+    "chunk_channel_kb": 0.0055,
+    "box_voxel_bytes": 10.42,
 }
 
 
@@ -75,10 +87,21 @@ class StepData:
 
 
 @dataclass(frozen=True)
+class EvalCaseSize:
+    """What evaluating one case holds at once: its latent cells (all decoded), the cells of its largest
+    decoding chunk with their halo, and the voxels of the dense box its metrics and meshes are made on."""
+
+    case_id: str
+    cells: int
+    chunk_cells: int
+    box_voxels: int
+
+
+@dataclass(frozen=True)
 class Prediction:
     peak_mb: float
     parts: dict[str, float]
-    data: StepData
+    data: StepData | EvalCaseSize
 
 
 def case_sizes(manifest: str | os.PathLike, splits: Sequence[str] = ("train",),
@@ -132,18 +155,89 @@ def parameter_counts(cfg: CTVQConfig) -> tuple[int, int]:
     return total, trainable
 
 
-REQUEST_MARGIN = 1.25  # requested = prediction x margin: the fit's worst error on its own runs is 10 %
+REQUEST_MARGIN = 1.25  # requested = prediction x margin: the fits' worst errors on their own runs are 10-15 %
 MIN_REQUEST_MB = 1000
 
 
-def planned_mem_mb(config: str | os.PathLike, manifest: str | os.PathLike) -> int:
-    """The memory to request for a training job of ``config`` on ``manifest`` (the workflow's mem_mb): the
-    prediction with a 25 % margin, rounded up to 100 MB, at least 1000 MB."""
-    from ctvq.config import load_config
+def request_mb(peak_mb: float) -> int:
+    """The memory to ask a scheduler for: the prediction with a 25 % margin, rounded up to 100 MB, at least
+    1000 MB."""
+    return max(MIN_REQUEST_MB, math.ceil(peak_mb * REQUEST_MARGIN / 100) * 100)
 
-    cfg = load_config(config)
-    peak = predict_training_peak(cfg, case_sizes(manifest, resolution=cfg.dataset.resolution)).peak_mb
-    return max(MIN_REQUEST_MB, math.ceil(peak * REQUEST_MARGIN / 100) * 100)
+
+def eval_case_size(case_id: str, latent_coords: np.ndarray, resolution: int, chunk_size: int) -> EvalCaseSize:
+    """The sizes `ctvq eval` works with on one case, from its latent cells (``resolution``: the latent
+    grid's). The chunks are the decoder's own plan (`ctvq.models.chunking.plan_chunks`)."""
+    import torch
+
+    from ctvq.models.chunking import plan_chunks
+
+    cells = np.asarray(latent_coords, dtype=np.int64).reshape(-1, 3)
+    if cells.shape[0] == 0:
+        raise ValueError(f"{case_id}: no latent cells to evaluate")
+    chunk_cells = cells.shape[0]
+    if chunk_size > 1:
+        coords = torch.zeros((cells.shape[0], 4), dtype=torch.int64)
+        coords[:, 1:] = torch.from_numpy(cells)
+        chunk_cells = max(int(plan.halo_rows.numel()) for plan in plan_chunks(coords, resolution, chunk_size))
+    # the box of every decoded voxel, one voxel of padding per side (ctvq.eval.surfaces.bounding_box)
+    edges = (cells.max(axis=0) - cells.min(axis=0) + 1) * LATENT_STRIDE + 2
+    return EvalCaseSize(case_id, int(cells.shape[0]), chunk_cells, int(np.prod(edges)))
+
+
+def largest_eval_cases(manifest: str | os.PathLike, resolution: int, largest: int = 4
+                       ) -> list[tuple[str, np.ndarray]]:
+    """(case id, latent cells) of the ``largest`` ok cases of a manifest by band voxels, every split (`ctvq
+    eval` evaluates them all); a manifest at another ``resolution`` than the config's is refused."""
+    from pathlib import Path
+
+    from ctvq.data.datasets import read_case_records
+
+    records = [r for r in read_case_records(Path(manifest)) if r.status == "ok"]
+    if not records:
+        raise ValueError(f"{manifest}: no ok cases to evaluate")
+    other = sorted({r.resolution for r in records} - {resolution})
+    if other:
+        raise ValueError(f"{manifest}: samples at resolution {other[0]}, but the config decodes "
+                         f"dataset.args.resolution {resolution}; plan with a manifest of that resolution")
+    cases = []
+    for record in sorted(records, key=lambda r: r.num_points or 0, reverse=True)[:largest]:
+        with np.load(record.path) as data:
+            cases.append((record.case_id, data["latent_coords"]))
+    return cases
+
+
+def eval_sizes(cfg: CTVQConfig, cases: Sequence[tuple[str, np.ndarray]]) -> list[EvalCaseSize]:
+    """The evaluation sizes of ``cases`` (see `largest_eval_cases`) under ``cfg``'s chunking."""
+    return [eval_case_size(case_id, latent, cfg.model.resolution, cfg.model.chunk_size)
+            for case_id, latent in cases]
+
+
+def predict_eval_peak(cfg: CTVQConfig, cases: Sequence[EvalCaseSize],
+                      coefficients: Mapping[str, float] = EVAL_COEFFICIENTS,
+                      total_parameters: int | None = None) -> Prediction:
+    """Peak memory (MB) of `ctvq eval` with ``cfg``'s model: the worst of ``cases``. No gradients; the
+    decoder holds one chunk's voxels (with halo) at a time; the case's decoded field, its dense box and
+    meshes stay until its metrics and figure are written, and cost in proportion to the box (a per-decoded-
+    voxel term fitted to zero beside it)."""
+    if not cases:
+        raise ValueError("no cases to plan evaluation for")
+    total = total_parameters if total_parameters is not None else parameter_counts(cfg)[0]
+    per_voxel_kb = (coefficients["chunk_voxel_kb"]
+                    + coefficients["chunk_channel_kb"] * full_resolution_channels(cfg))
+    worst: Prediction | None = None
+    for case in cases:
+        parts = {
+            "process": coefficients["base_mb"],
+            "weights": coefficients["weight_bytes"] * total / 2**20,
+            "decoding (largest chunk)": per_voxel_kb * case.chunk_cells * LATENT_CHILDREN / 1024.0,
+            "dense box (metrics, meshes)": coefficients["box_voxel_bytes"] * case.box_voxels / 2**20,
+        }
+        prediction = Prediction(sum(parts.values()), parts, case)
+        if worst is None or prediction.peak_mb > worst.peak_mb:
+            worst = prediction
+    assert worst is not None
+    return worst
 
 
 def full_resolution_channels(cfg: CTVQConfig) -> int:
@@ -253,6 +347,25 @@ def fitting_patch(predict: Callable[[dict[str, Any]], tuple[CTVQConfig, Predicti
     return patch, applied, None
 
 
+def eval_chunk_patch(config_file: str | os.PathLike, cases: Sequence[tuple[str, np.ndarray]],
+                     budget_mb: float, patch: dict[str, Any]) -> tuple[dict[str, Any], Prediction | None]:
+    """Evaluation's remedy: a larger ``chunk_size`` (the decoder then holds one chunk's voxels at a time),
+    added to ``patch`` until `ctvq eval` fits ``budget_mb``. Returns (patch, fitting prediction or None)."""
+    from ctvq.config import load_config
+
+    cfg = load_config(config_file, overrides=patch or None)
+    prediction = predict_eval_peak(cfg, eval_sizes(cfg, cases))
+    for chunk in (2, 4, 8):
+        if prediction.peak_mb <= budget_mb:
+            return patch, prediction
+        if chunk <= cfg.model.chunk_size or cfg.model.resolution % chunk:
+            continue
+        trial = {**patch, "models.vqvae.args.chunk_size": chunk}
+        cfg = load_config(config_file, overrides=trial)
+        patch, prediction = trial, predict_eval_peak(cfg, eval_sizes(cfg, cases))
+    return (patch, prediction) if prediction.peak_mb <= budget_mb else (patch, None)
+
+
 def nested(patch: Mapping[str, Any]) -> dict[str, Any]:
     """A dotted-key patch as the nested JSON to merge into a config file."""
     out: dict[str, Any] = {}
@@ -271,10 +384,17 @@ __all__ = [
     "Prediction",
     "Remedy",
     "StepData",
+    "EVAL_COEFFICIENTS",
+    "EvalCaseSize",
+    "eval_case_size",
+    "eval_chunk_patch",
+    "eval_sizes",
+    "largest_eval_cases",
     "largest_micro_batch",
     "parameter_counts",
-    "planned_mem_mb",
+    "predict_eval_peak",
     "predict_training_peak",
+    "request_mb",
     "predictor",
     "fitting_patch",
     "nested",

@@ -111,20 +111,33 @@ def _train_settings() -> dict:
 TRAIN = _train_settings()
 
 
-def train_mem_mb(wildcards, input):
-    """train.mem_mb, or (null) ctvq plan's request for the job's config and manifest. It reads the manifest,
-    so a dry run before the manifest exists shows it as TBD; the request is made when the job is ready."""
-    if TRAIN["mem_mb"] is not None:
-        return TRAIN["mem_mb"]
-    from ctvq.train.plan import planned_mem_mb
+# mem_mb null: the job asks for what `ctvq plan` predicts for its config and manifest (+25 %). The plan rule
+# writes it to a small JSON per window and stage, which the job's mem_mb reads once it exists (a dry run
+# shows <TBD> before); Snakemake itself never imports torch.
+PLAN_TRAIN = TRAIN["mem_mb"] is None
+PLAN_EVAL = config["evaluate"]["mem_mb"] is None
 
-    try:
-        return planned_mem_mb(input.config, input.manifest)
-    except ValueError as exc:
-        # A dry run can see the manifest of an earlier run, e.g. at another resolution, which this run will
-        # remake first. Reported as not there yet, Snakemake shows <TBD> and asks again once it is remade.
-        raise FileNotFoundError(2, f"{input.manifest} is not yet this run's manifest ({exc})",
-                                input.manifest) from exc
+
+def plan_file(stage: int) -> str:
+    return f"{RESULTS}/train/{{window}}/plan/stage{stage}.json"
+
+
+def plan_input(stage: int, wanted: bool) -> dict[str, str]:
+    """The plan JSON as a job's `plan` input when its mem_mb is planned, else nothing."""
+    return {"plan": plan_file(stage)} if wanted else {}
+
+
+def planned_mem_mb(key: str, fixed: int | None):
+    """A job's mem_mb: the fixed number, or ctvq plan's request ``key`` read from the job's plan input."""
+    if fixed is not None:
+        return fixed
+
+    def mem_mb(wildcards, input):
+        import json
+
+        return int(json.loads(Path(input.plan).read_text())[key])
+
+    return mem_mb
 
 
 def _split_settings() -> tuple[str, list[str]]:
@@ -169,6 +182,7 @@ SURFACE_ARGS = _surface_args()
 wildcard_constraints:
     case="|".join(re.escape(c) for c in sorted(CASES)),
     window="|".join(WINDOWS),
+    stage="1|2",
 
 
 def _train_launcher(wildcards, resources):

@@ -8,6 +8,7 @@ rule evaluate:
     input:
         ckpt=rules.train_stage2.output,
         manifest=f"{RESULTS}/manifests/{{window}}.csv",
+        **plan_input(2, PLAN_EVAL),
     output:
         metrics=report(f"{RESULTS}/eval/{{window}}/metrics.json", caption="../report/metrics.rst",
                        category="Evaluation", labels={"window": "{window}", "what": "metrics"}),
@@ -29,7 +30,7 @@ rule evaluate:
         allow_collapse="--allow-collapse" if config["evaluate"]["allow_collapse"] else "",
     threads: TRAIN["threads"]
     resources:
-        mem_mb=config["evaluate"]["mem_mb"],
+        mem_mb=planned_mem_mb("eval_mem_mb", config["evaluate"]["mem_mb"]),
     shell:
         "{params.ctvq} eval --ckpt {input.ckpt} --data {input.manifest} -o {output.metrics} --output-dir {params.out_dir}"
         " --train-log {params.train_logs} --curves-csv {output.curves} {params.allow_collapse} > {log} 2>&1"

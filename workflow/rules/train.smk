@@ -6,10 +6,31 @@
 MAX_STEPS = f" --max-steps {TRAIN['max_steps']}" if TRAIN.get("max_steps") else ""
 
 
+localrules:
+    plan,
+
+
+# The memory requests of a window's stage (train.mem_mb or evaluate.mem_mb null): `ctvq plan`'s prediction
+# for the config on the manifest's largest cases, +25 %.
+rule plan:
+    input:
+        manifest=f"{RESULTS}/manifests/{{window}}.csv",
+        config=lambda wc: TRAIN[f"stage{wc.stage}_config"],
+    output:
+        plan_file("{stage}"),
+    log:
+        "logs/plan/{window}/stage{stage}.log",
+    params:
+        ctvq=CTVQ,
+    shell:
+        "{params.ctvq} plan --config {input.config} --data {input.manifest} --requests-out {output} > {log} 2>&1"
+
+
 rule train_stage1:
     input:
         manifest=f"{RESULTS}/manifests/{{window}}.csv",
         config=TRAIN["stage1_config"],
+        **plan_input(1, PLAN_TRAIN),
     output:
         f"{RESULTS}/train/{{window}}/stage1/ckpts/final.pt",
     log:
@@ -25,7 +46,7 @@ rule train_stage1:
     threads: TRAIN["threads"]
     resources:
         gpu=TRAIN["gpus"],
-        mem_mb=train_mem_mb,
+        mem_mb=planned_mem_mb("train_mem_mb", TRAIN["mem_mb"]),
         runtime=TRAIN["runtime_minutes"],
     shell:
         "{params.launcher} train --config {input.config} --data {input.manifest} --output-dir {params.run_dir}"
@@ -39,6 +60,7 @@ use rule train_stage1 as train_stage2 with:
         manifest=f"{RESULTS}/manifests/{{window}}.csv",
         config=TRAIN["stage2_config"],
         stage1=rules.train_stage1.output,
+        **plan_input(2, PLAN_TRAIN),
     output:
         f"{RESULTS}/train/{{window}}/stage2/ckpts/final.pt",
     log:
