@@ -18,6 +18,18 @@ TINY = ROOT / "configs" / "vqvae" / "tiny_stage2.json"
 BENCH = ROOT / "bench"
 
 
+def bench_memory():
+    """bench/memory.py as a module (it imports its siblings by name, as when run as a script)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("memory")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
 def test_memory_sizes_parse_with_binary_and_decimal_units():
     assert memory_mb("24GiB") == 24 * 1024
     assert memory_mb("16 GB") == pytest.approx(16e9 / 2**20)
@@ -37,13 +49,7 @@ def test_the_largest_micro_batch_is_made_of_the_largest_cropped_cases():
 def test_shipped_coefficients_predict_every_benchmark_run_within_20_percent():
     """The benchmark's runs (bench/results/memory*.json: the knob table and the validation configs) against
     the model ctvq plan uses; a model change that moves memory shows up here."""
-    import sys
-
-    sys.path.insert(0, str(BENCH))
-    try:
-        from memory import _run_config
-    finally:
-        sys.path.remove(str(BENCH))
+    _run_config = bench_memory()._run_config
     errors = {}
     for path in sorted((BENCH / "results").glob("memory*.json")):
         recorded = json.loads(path.read_text())
@@ -167,13 +173,7 @@ def test_evaluation_that_does_not_fit_gets_a_larger_chunk_size(tmp_path: Path, c
 
 def test_shipped_eval_coefficients_predict_every_benchmark_run_within_20_percent():
     """`ctvq eval` runs of bench/results/memory_eval*.json against the evaluation model ctvq plan uses."""
-    import sys
-
-    sys.path.insert(0, str(BENCH))
-    try:
-        from memory import eval_run_config
-    finally:
-        sys.path.remove(str(BENCH))
+    eval_run_config = bench_memory().eval_run_config
     errors = {}
     for path in sorted((BENCH / "results").glob("memory_eval*.json")):
         for run in json.loads(path.read_text())["runs"]:
