@@ -234,3 +234,16 @@ def test_training_curves_of_both_stages_continue_the_step_count(tmp_path):
                      "30,2,0.5,0.4,0.3", "40,2,0.4,0.3,0.5"]
     with pytest.raises(EvalInputError, match="missing.csv: training log not found"):
         training_curves([first, tmp_path / "missing.csv"], tmp_path / "c.png", tmp_path / "c.csv")
+
+
+def test_eval_chunk_size_decodes_the_same_field_and_a_bad_one_is_refused(run_dir, samples, tmp_path, capsys):
+    """`ctvq eval --chunk-size` (ctvq plan's remedy for evaluation memory) changes memory, not the output."""
+    whole = _eval(run_dir, samples / "sphere0.npz", tmp_path / "whole")
+    chunked = _eval(run_dir, samples / "sphere0.npz", tmp_path / "chunked", "--chunk-size", "2")
+    for key in ("sdf_mae_vox", "occupancy_iou", "decoded_voxels", "recon_faces"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), key
+    capsys.readouterr()
+    ckpt = str(run_dir / "ckpts" / "final.pt")
+    assert main(["eval", "--ckpt", ckpt, "--data", str(samples / "sphere0.npz"), "-o",
+                 str(tmp_path / "m.json"), "--chunk-size", "3"]) == 2
+    assert "--chunk-size 3: must be >= 1 and divide the latent resolution 8" in capsys.readouterr().err

@@ -135,15 +135,16 @@ def test_requests_out_writes_each_jobs_request_and_checks_no_budget(manifest: Pa
     latents = plan.largest_eval_cases(manifest, 64)
     evaluation = plan.predict_eval_peak(cfg, plan.eval_sizes(cfg, latents)).peak_mb
     assert requests["train_mem_mb"] == plan.request_mb(train) and requests["train_peak_mb"] == round(train)
-    assert requests["eval_mem_mb"] == plan.request_mb(evaluation)
+    assert requests["eval_mem_mb"] == plan.request_mb(evaluation) and requests["eval_chunk_size"] == 1
     assert plan.request_mb(5000.0) == 6300 and plan.request_mb(10.0) == plan.MIN_REQUEST_MB
-    assert "evaluation, as configured: largest case case2" in capsys.readouterr().out
+    assert "evaluation, chunk_size 1: largest case case2" in capsys.readouterr().out
 
 
-def test_evaluation_that_does_not_fit_gets_a_larger_chunk_size(tmp_path: Path, capsys):
-    """Training crops to max_points, evaluation decodes whole cases: a budget between the two peaks is met by
-    chunking the decoder, and the patched config validates. At 256^3 (a 32^3 latent grid) a chunk and its
-    halo of 4 cells are a part of the case; at 64^3 the halo alone spans the grid."""
+def test_evaluation_that_does_not_fit_is_told_the_eval_chunk_size_that_does(tmp_path: Path, capsys):
+    """Training crops to max_points, evaluation decodes whole cases: a budget between the two is met by
+    `ctvq eval --chunk-size` (the same output), not by a config change that would also change training. At
+    256^3 (a 32^3 latent grid) a chunk and its halo of 4 cells are a part of the case; at 64^3 the halo alone
+    spans the grid."""
     manifest = write_manifest(tmp_path / "m.csv", write_cases(tmp_path, [70.0], resolution=256))
     small = json.loads(TINY.read_text())
     small["dataset"]["args"].update(max_points=2000, resolution=256)
@@ -153,22 +154,20 @@ def test_evaluation_that_does_not_fit_gets_a_larger_chunk_size(tmp_path: Path, c
     cfg = load_config(config)
     latents = plan.largest_eval_cases(manifest, 256)
     train = plan.predict_training_peak(cfg, plan.case_sizes(manifest)).peak_mb
-    evaluation = plan.predict_eval_peak(cfg, plan.eval_sizes(cfg, latents))
-    chunked = load_config(config, overrides={"models.vqvae.args.chunk_size": 4})
-    chunk4 = plan.predict_eval_peak(chunked, plan.eval_sizes(chunked, latents))
-    assert train < chunk4.peak_mb < evaluation.peak_mb
-    budget = (chunk4.peak_mb + evaluation.peak_mb) / 2
+    whole = plan.predict_eval_peak(cfg, plan.eval_sizes(cfg, latents)).peak_mb
+    chunk4 = plan.predict_eval_peak(cfg, plan.eval_sizes(cfg, latents, 4)).peak_mb
+    assert train < chunk4 < whole
+    budget = (chunk4 + whole) / 2
     out = tmp_path / "patch.json"
     code = main(["plan", "--config", str(config), "--data", str(manifest), "--memory", f"{budget:.1f}MiB",
                  "--patch-out", str(out)])
     printed = capsys.readouterr().out
-    assert code == 1 and "models.vqvae.args.chunk_size" in printed, printed
-    patch = json.loads(out.read_text())
-    small["models"]["vqvae"]["args"].update(patch["models"]["vqvae"]["args"])
-    config.write_text(json.dumps(small))
-    assert main(["validate-config", str(config)]) == 0
-    patched = load_config(config)
-    assert plan.predict_eval_peak(patched, plan.eval_sizes(patched, latents)).peak_mb <= budget
+    assert code == 1 and not out.exists(), printed  # training fits: no config patch
+    chunk = int(printed.split("ctvq eval --chunk-size ")[1].split("`")[0])
+    assert chunk in (2, 4) and "evaluate.chunk_size: " in printed
+    assert plan.predict_eval_peak(cfg, plan.eval_sizes(cfg, latents, chunk)).peak_mb <= budget
+    assert main(["plan", "--config", str(config), "--data", str(manifest), "--memory", f"{budget:.1f}MiB",
+                 "--eval-chunk-size", str(chunk)]) == 0
 
 
 def test_shipped_eval_coefficients_predict_every_benchmark_run_within_20_percent():

@@ -145,6 +145,11 @@ def test_job_memory_comes_from_ctvq_plan_unless_mem_mb_is_given(tmp_path: Path) 
                                    "mem_mb": 6000}, evaluate={"mem_mb": 5000, "allow_collapse": True})
     said = _snakemake(tmp_path, "-n", "--cores", "1", "--forceall").stdout
     assert "plan" not in _job_counts(said) and "mem_mb=6000," in said and "mem_mb=5000," in said, said
+    _write_config(tmp_path, evaluate={"chunk_size": 2, "allow_collapse": True})  # ctvq plan's eval remedy
+    said = _snakemake(tmp_path, "-n", "-p", "--cores", "1", "--forceall").stdout
+    assert re.search(r"plan --config \S+tiny_stage2\.json .*--eval-chunk-size 2 --requests-out", said), said
+    assert re.search(r"ctvq eval .*--allow-collapse --chunk-size 2 ", said), said
+    assert "tiny_stage1.json --data results/manifests/lung.csv --requests-out" in said, said
 
 
 def test_workflow_messages_name_the_configfile_given(tmp_path: Path) -> None:

@@ -86,6 +86,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-figures", action="store_true", help="skip the slice figures")
     p.add_argument("--allow-collapse", action="store_true",
                    help=f"exit 0 even when every case collapsed (default: exit {EXIT_NO_SURFACE})")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="decode in N^3 chunks (default: the config's chunk_size): the same output in less "
+                        "memory; `ctvq plan` says which N fits")
     p.epilog = EVAL_EPILOG
 
 
@@ -93,6 +96,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.points < 1:
         raise EvalInputError(f"--points {args.points}: must be >= 1")
     loaded = load_model(args.ckpt, args.device)
+    if args.chunk_size is not None:
+        loaded.decode_in_chunks(args.chunk_size)
     settings = load_settings(args.ckpt, args.config)
     check_model_settings(loaded, settings)
     out_dir = args.output_dir if args.output_dir is not None else args.output.parent

@@ -1,8 +1,9 @@
 """``ctvq plan``: will this config's training step, and `ctvq eval` of its model, fit in memory on this
 data, and if not, what patch does.
 
-Exit 0: both fit as configured. Exit 1: one does not, and the printed JSON patch (merge it into the config)
-makes both fit. Exit 2: bad input, or nothing in the reference's remedies makes it fit. ``--requests-out``
+Exit 0: both fit as configured. Exit 1: one does not: the printed JSON patch (merge it into the config)
+makes training fit, and ``ctvq eval --chunk-size N`` (the same output) evaluation. Exit 2: bad input, or
+nothing in the reference's remedies makes it fit. ``--requests-out``
 writes the memory to request for each job (the workflow's mem_mb) whatever the budget; without
 ``--memory`` it then checks no budget (the machine planning is rarely the one training).
 """
@@ -44,6 +45,8 @@ def configure_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where training runs (the model is calibrated on CPU; for cuda it prints a note)")
     p.add_argument("--patch-out", type=Path, default=None, help="also write the fitting patch (JSON) here")
+    p.add_argument("--eval-chunk-size", type=int, default=None, metavar="N",
+                   help="plan evaluation as `ctvq eval --chunk-size N` runs it (default: the config's)")
     p.add_argument("--requests-out", type=Path, default=None,
                    help="write the memory requests (JSON: train_mem_mb, eval_mem_mb: the predictions "
                         "+ 25 %%, at least 1000 MB) for a scheduler; without --memory, no budget is checked")
@@ -58,23 +61,28 @@ def run_plan(a: argparse.Namespace) -> int:
     from ctvq.train import plan
 
     cfg = load_config(a.config)
+    eval_chunk = cfg.model.chunk_size if a.eval_chunk_size is None else a.eval_chunk_size
+    if eval_chunk < 1 or cfg.model.resolution % eval_chunk:
+        raise ValueError(f"--eval-chunk-size {eval_chunk}: must be >= 1 and divide the latent resolution "
+                         f"{cfg.model.resolution} of {a.config}")
     cases = plan.case_sizes(a.data, resolution=cfg.dataset.resolution)
     latents = plan.largest_eval_cases(a.data, cfg.dataset.resolution)
     first = plan.predict_training_peak(cfg, cases)
-    first_eval = plan.predict_eval_peak(cfg, plan.eval_sizes(cfg, latents))
+    first_eval = plan.predict_eval_peak(cfg, plan.eval_sizes(cfg, latents, eval_chunk))
     biggest = max(cases, key=lambda c: c.points)
     print(f"ctvq plan: {a.config} (stage {cfg.stage}) on {a.data}: {len(cases)} training cases, the largest "
           f"{biggest.case_id} with {biggest.points:,} points in {biggest.latent:,} latent cells")
     _report("training, as configured", first)
-    _report("evaluation, as configured", first_eval)
-    if cfg.stage == 1:
-        print("  note: stage 1 is not in the fitted benchmark; its frozen parts keep no gradients or "
-              "optimizer state, and their activations are counted as in stage 2 (an upper bound)")
+    _report(f"evaluation, chunk_size {eval_chunk}", first_eval)
+    if cfg.stage == 1 and cfg.trainer.stage1_mode == "codebook":
+        print("  note: stage 1 trains the codebook only: nothing runs backward through the frozen encoder "
+              "and decoder, whose activations are counted as in stage 2 (measured: 9-18 % over, an upper "
+              "bound)")
     if a.device == "cuda":
         print("  note: not calibrated on a GPU yet: this is the CPU (fp32 RSS) model, whose process base is "
               "host memory on CUDA and which leaves out the CUDA context")
     if a.requests_out is not None:
-        requests = {"config": str(a.config), "manifest": str(a.data),
+        requests = {"config": str(a.config), "manifest": str(a.data), "eval_chunk_size": eval_chunk,
                     "train_peak_mb": round(first.peak_mb), "train_mem_mb": plan.request_mb(first.peak_mb),
                     "eval_peak_mb": round(first_eval.peak_mb),
                     "eval_mem_mb": plan.request_mb(first_eval.peak_mb)}
@@ -87,31 +95,38 @@ def run_plan(a: argparse.Namespace) -> int:
     if first.peak_mb <= budget and first_eval.peak_mb <= budget:
         print(f"fits in {_gib(budget)}")
         return 0
-    patch, applied, fitted = plan.fitting_patch(plan.predictor(a.config, cases), budget)
-    fitted_eval = None
-    if fitted is not None:
-        patch, fitted_eval = plan.eval_chunk_patch(a.config, latents, budget, patch)
-    if fitted is None or fitted_eval is None:
-        tried = ", ".join(f"{k}={json.dumps(v)}" for k, v in patch.items()) or "nothing"
-        what = "training" if fitted is None else "evaluation"
-        peak = first.peak_mb if fitted is None else first_eval.peak_mb
-        raise ValueError(f"{a.config}: {what}'s predicted {_gib(peak)} does not fit in {_gib(budget)}, and "
-                         f"the reference's remedies do not make it fit (tried {tried}); use a machine with "
-                         "more memory or a smaller resolution")
-    print(f"does not fit in {_gib(budget)}; the reference's remedies, in order:")
-    for remedy in applied:
-        print(f"  {remedy.key} = {json.dumps(remedy.value)}: {remedy.cost}")
-    chunk = patch.get("models.vqvae.args.chunk_size")
-    if chunk is not None and all(r.key != "models.vqvae.args.chunk_size" for r in applied):
-        print(f"  models.vqvae.args.chunk_size = {chunk}: evaluation decodes one chunk at a time (slower)")
-    _report("training, with the patch", fitted)
-    _report("evaluation, with the patch", fitted_eval)
-    text = json.dumps(plan.nested(patch), indent=2)
-    print("patch (merge into the config):")
-    print(text)
-    if a.patch_out is not None:
-        atomic_write_text(a.patch_out, text + "\n")
-        print(f"wrote {a.patch_out}")
+    print(f"does not fit in {_gib(budget)}")
+    if first.peak_mb > budget:
+        patch, applied, fitted = plan.fitting_patch(plan.predictor(a.config, cases), budget)
+        if fitted is None:
+            tried = ", ".join(f"{r.key}={json.dumps(r.value)}" for r in applied) or "nothing"
+            raise ValueError(f"{a.config}: training's predicted {_gib(first.peak_mb)} does not fit in "
+                             f"{_gib(budget)}, and the reference's remedies do not make it fit (tried "
+                             f"{tried}); use a machine with more memory or a smaller resolution")
+        print("training: the reference's remedies, in order:")
+        for remedy in applied:
+            print(f"  {remedy.key} = {json.dumps(remedy.value)}: {remedy.cost}")
+        _report("training, with the patch", fitted)
+        text = json.dumps(plan.nested(patch), indent=2)
+        print("patch (merge into the config):")
+        print(text)
+        if a.patch_out is not None:
+            atomic_write_text(a.patch_out, text + "\n")
+            print(f"wrote {a.patch_out}")
+        if a.eval_chunk_size is None:  # evaluation follows the patched config's chunking
+            cfg = load_config(a.config, overrides=patch or None)
+            eval_chunk = cfg.model.chunk_size
+            first_eval = plan.predict_eval_peak(cfg, plan.eval_sizes(cfg, latents, eval_chunk))
+    if first_eval.peak_mb > budget:
+        found = plan.fitting_eval_chunk_size(cfg, latents, budget, eval_chunk)
+        if found is None:
+            raise ValueError(f"{a.config}: evaluation's predicted {_gib(first_eval.peak_mb)} does not fit in "
+                             f"{_gib(budget)} at any chunk_size; use a machine with more memory or a smaller "
+                             "resolution")
+        chunk, fitted_eval = found
+        print(f"evaluation: run `ctvq eval --chunk-size {chunk}` (the same output, decoded in {chunk}^3 "
+              f"chunks; slower), in the workflow evaluate.chunk_size: {chunk}")
+        _report(f"evaluation, chunk_size {chunk}", fitted_eval)
     return 1
 
 

@@ -77,6 +77,15 @@ class LoadedModel:
     def data_resolution(self) -> int:
         return LATENT_STRIDE * int(self.model.resolution)
 
+    def decode_in_chunks(self, chunk_size: int) -> None:
+        """Decode in ``chunk_size``^3 chunks from now on, whatever the training config said: each chunk is
+        decoded with its halo, so the output is the same and only the memory (and time) changes."""
+        resolution = int(self.model.resolution)
+        if chunk_size < 1 or resolution % chunk_size:
+            raise EvalInputError(f"--chunk-size {chunk_size}: must be >= 1 and divide the latent resolution "
+                                 f"{resolution} of {self.path} (e.g. 1, 2, 4, 8)")
+        self.model.chunk_size = chunk_size
+
     @property
     def codebook_sha256(self) -> str:
         """Identity of the code -> latent vector table: what a token index means under this checkpoint."""

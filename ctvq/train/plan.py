@@ -36,25 +36,26 @@ from ctvq.ct.sample import LATENT_STRIDE
 LATENT_CHILDREN = LATENT_STRIDE**3  # decoded voxels per latent cell (512): the decoder never prunes
 
 # Fitted by `python bench/memory.py --fit bench/results/memory.json bench/results/memory_check.json
-# --validation "scenario lowmem"` (CPU RSS, fp32): 31 runs of 8 configs, worst error 9.9 %; the scenario
-# lowmem config (not fitted) within 12.3 %.
+# --validation "scenario lowmem"` (CPU, each run's own peak RSS, fp32): 31 runs of 8 configs, worst error
+# 7.5 %; the scenario lowmem config (not fitted) within 10.2 %.
 COEFFICIENTS: dict[str, float] = {
-    "base_mb": 450.4,
-    "trainable_bytes": 12.58,
-    "voxel_kb_checkpoint": 0.729,
-    "channel_kb_checkpoint": -0.0046,
-    "voxel_kb": 0.421,
-    "channel_kb": 0.0303,
+    "base_mb": 439.75,
+    "trainable_bytes": 12.70,
+    "voxel_kb_checkpoint": 0.7188,
+    "channel_kb_checkpoint": -0.0036,
+    "voxel_kb": 0.4452,
+    "channel_kb": 0.0295,
 }
 
-# `ctvq eval` (CPU RSS, fp32), fitted (non-negative) by `python bench/memory.py --fit-eval
-# bench/results/memory_eval.json`: 21 runs of 7 configs on phantoms at 64-256^3, worst error 6.2 %.
+# `ctvq eval` (CPU, each run's own peak RSS, fp32), fitted by `python bench/memory.py --fit-eval
+# bench/results/memory_eval.json bench/results/memory_eval_512.json` (non-negative, relative error): 24 runs
+# of 7 configs, phantoms at 64-256^3 and a real CT at 512^3, worst error 12.1 %.
 EVAL_COEFFICIENTS: dict[str, float] = {
-    "base_mb": 360.0,
-    "weight_bytes": 4.485,
-    "chunk_voxel_kb": 0.7392,
-    "chunk_channel_kb": 0.0055,
-    "box_voxel_bytes": 10.42,
+    "base_mb": 379.9,
+    "weight_bytes": 4.274,
+    "chunk_voxel_kb": 0.6265,
+    "chunk_channel_kb": 0.0073,
+    "box_voxel_bytes": 22.45,
 }
 
 
@@ -207,10 +208,12 @@ def largest_eval_cases(manifest: str | os.PathLike, resolution: int, largest: in
     return cases
 
 
-def eval_sizes(cfg: CTVQConfig, cases: Sequence[tuple[str, np.ndarray]]) -> list[EvalCaseSize]:
-    """The evaluation sizes of ``cases`` (see `largest_eval_cases`) under ``cfg``'s chunking."""
-    return [eval_case_size(case_id, latent, cfg.model.resolution, cfg.model.chunk_size)
-            for case_id, latent in cases]
+def eval_sizes(cfg: CTVQConfig, cases: Sequence[tuple[str, np.ndarray]], chunk_size: int | None = None
+               ) -> list[EvalCaseSize]:
+    """The evaluation sizes of ``cases`` (see `largest_eval_cases`) under ``cfg``'s chunking, or under
+    ``chunk_size`` (`ctvq eval --chunk-size`)."""
+    chunk = cfg.model.chunk_size if chunk_size is None else chunk_size
+    return [eval_case_size(case_id, latent, cfg.model.resolution, chunk) for case_id, latent in cases]
 
 
 def predict_eval_peak(cfg: CTVQConfig, cases: Sequence[EvalCaseSize],
@@ -347,23 +350,19 @@ def fitting_patch(predict: Callable[[dict[str, Any]], tuple[CTVQConfig, Predicti
     return patch, applied, None
 
 
-def eval_chunk_patch(config_file: str | os.PathLike, cases: Sequence[tuple[str, np.ndarray]],
-                     budget_mb: float, patch: dict[str, Any]) -> tuple[dict[str, Any], Prediction | None]:
-    """Evaluation's remedy: a larger ``chunk_size`` (the decoder then holds one chunk's voxels at a time),
-    added to ``patch`` until `ctvq eval` fits ``budget_mb``. Returns (patch, fitting prediction or None)."""
-    from ctvq.config import load_config
-
-    cfg = load_config(config_file, overrides=patch or None)
-    prediction = predict_eval_peak(cfg, eval_sizes(cfg, cases))
-    for chunk in (2, 4, 8):
-        if prediction.peak_mb <= budget_mb:
-            return patch, prediction
-        if chunk <= cfg.model.chunk_size or cfg.model.resolution % chunk:
-            continue
-        trial = {**patch, "models.vqvae.args.chunk_size": chunk}
-        cfg = load_config(config_file, overrides=trial)
-        patch, prediction = trial, predict_eval_peak(cfg, eval_sizes(cfg, cases))
-    return (patch, prediction) if prediction.peak_mb <= budget_mb else (patch, None)
+def fitting_eval_chunk_size(cfg: CTVQConfig, cases: Sequence[tuple[str, np.ndarray]], budget_mb: float,
+                            start: int) -> tuple[int, Prediction] | None:
+    """The smallest chunk count per axis from ``start`` (2, 4, 8, ... dividing the latent grid) at which
+    `ctvq eval --chunk-size` fits ``budget_mb``: chunked decoding gives the same output, so evaluation's
+    remedy is this flag, not a config change that would also change training. None when none fits."""
+    chunk = start
+    while chunk <= cfg.model.resolution:
+        if cfg.model.resolution % chunk == 0:
+            prediction = predict_eval_peak(cfg, eval_sizes(cfg, cases, chunk))
+            if prediction.peak_mb <= budget_mb:
+                return chunk, prediction
+        chunk *= 2
+    return None
 
 
 def nested(patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -387,7 +386,7 @@ __all__ = [
     "EVAL_COEFFICIENTS",
     "EvalCaseSize",
     "eval_case_size",
-    "eval_chunk_patch",
+    "fitting_eval_chunk_size",
     "eval_sizes",
     "largest_eval_cases",
     "largest_micro_batch",

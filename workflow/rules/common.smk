@@ -118,6 +118,11 @@ PLAN_TRAIN = TRAIN["mem_mb"] is None
 PLAN_EVAL = config["evaluate"]["mem_mb"] is None
 
 
+EVAL_CHUNK = config["evaluate"]["chunk_size"]  # ctvq eval --chunk-size, and what stage 2's plan assumes
+EVAL_CHUNK_ARG = f" --chunk-size {EVAL_CHUNK}" if EVAL_CHUNK else ""
+PLAN_EVAL_CHUNK_ARG = f" --eval-chunk-size {EVAL_CHUNK}" if EVAL_CHUNK else ""
+
+
 def plan_file(stage: int) -> str:
     return f"{RESULTS}/train/{{window}}/plan/stage{stage}.json"
 

@@ -28,9 +28,11 @@ rule evaluate:
         train_logs=lambda wc: " ".join(f"{RESULTS}/train/{wc.window}/{stage}/metrics.csv"
                                        for stage in ("stage1", "stage2")),
         allow_collapse="--allow-collapse" if config["evaluate"]["allow_collapse"] else "",
+        chunk=EVAL_CHUNK_ARG,
     threads: TRAIN["threads"]
     resources:
         mem_mb=planned_mem_mb("eval_mem_mb", config["evaluate"]["mem_mb"]),
     shell:
         "{params.ctvq} eval --ckpt {input.ckpt} --data {input.manifest} -o {output.metrics} --output-dir {params.out_dir}"
-        " --train-log {params.train_logs} --curves-csv {output.curves} {params.allow_collapse} > {log} 2>&1"
+        " --train-log {params.train_logs} --curves-csv {output.curves} {params.allow_collapse}{params.chunk}"
+        " > {log} 2>&1"

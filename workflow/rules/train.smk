@@ -22,8 +22,10 @@ rule plan:
         "logs/plan/{window}/stage{stage}.log",
     params:
         ctvq=CTVQ,
+        eval_chunk=lambda wc: PLAN_EVAL_CHUNK_ARG if wc.stage == "2" else "",
     shell:
-        "{params.ctvq} plan --config {input.config} --data {input.manifest} --requests-out {output} > {log} 2>&1"
+        "{params.ctvq} plan --config {input.config} --data {input.manifest}{params.eval_chunk}"
+        " --requests-out {output} > {log} 2>&1"
 
 
 rule train_stage1:
