@@ -1,4 +1,4 @@
-"""Predict the peak memory of a training step, and the config change that makes it fit.
+"""Predict the peak memory of a training step and of `ctvq eval`, and the change that makes them fit.
 
 The prediction is a small physical model with coefficients fitted to ``bench/memory.py`` (CPU, fp32; the
 fit and its error table: ``python bench/memory.py --fit``):
@@ -18,6 +18,16 @@ When the prediction exceeds the budget, ``fitting_patch`` walks the configuratio
 (chunk_size, batch_size_per_gpu, max_points, model_channels / num_blocks, batch_split), after
 use_checkpoint, each step a config patch with what it costs, until the prediction fits; a remedy the model
 says would not lower this config's peak (checkpointing a narrow model, say) is passed over.
+
+Evaluation (``predict_eval_peak``, fitted by ``python bench/memory.py --fit-eval``) decodes whole cases
+without gradients:
+
+    peak MB = base + weight_bytes x parameters
+              + voxels of the largest decoding chunk with its halo x (per_voxel + per_channel x channels)
+              + box_voxel_bytes x voxels of the dense box the metrics and meshes are made on
+
+over the manifest's largest cases. Its remedy is ``ctvq eval --chunk-size`` (``fitting_eval_chunk_size``):
+chunked decoding gives the same output, where a config ``chunk_size`` would also change stage-2 training.
 """
 
 from __future__ import annotations
@@ -180,7 +190,7 @@ def eval_case_size(case_id: str, latent_coords: np.ndarray, resolution: int, chu
     if chunk_size > 1:
         coords = torch.zeros((cells.shape[0], 4), dtype=torch.int64)
         coords[:, 1:] = torch.from_numpy(cells)
-        chunk_cells = max(int(plan.halo_rows.numel()) for plan in plan_chunks(coords, resolution, chunk_size))
+        chunk_cells = max(int(c.halo_rows.numel()) for c in plan_chunks(coords, resolution, chunk_size))
     # the box of every decoded voxel, one voxel of padding per side (ctvq.eval.surfaces.bounding_box)
     edges = (cells.max(axis=0) - cells.min(axis=0) + 1) * LATENT_STRIDE + 2
     return EvalCaseSize(case_id, int(cells.shape[0]), chunk_cells, int(np.prod(edges)))
