@@ -86,3 +86,43 @@ def test_budget_below_every_cell_is_an_error_naming_the_fix(big: SparseSample) -
 def test_select_cells_refuses_unsorted_cells(big: SparseSample) -> None:
     with pytest.raises(ValueError, match="ascending"):
         select_cells(big, np.array([3, 1]))
+
+
+def test_context_mask_leaves_out_exactly_the_kept_cells_next_to_a_dropped_one() -> None:
+    from ctvq.data.crop import context_complete_cells
+
+    full = np.array([[x, y, 0] for x in range(6) for y in range(3)])
+    kept = full[full[:, 0] < 3]  # the crop ends between x = 2 and x = 3
+    by_margin = {m: context_complete_cells(full, kept, m) for m in (0, 1, 2)}
+    assert by_margin[0].all()
+    np.testing.assert_array_equal(by_margin[1], kept[:, 0] < 2)
+    np.testing.assert_array_equal(by_margin[2], kept[:, 0] < 1)
+    # the edge of the case itself is no cut: an uncropped case keeps every cell
+    assert context_complete_cells(full, full, 3).all()
+
+
+@pytest.mark.parametrize("augment", ["none", "cube"])
+def test_dataset_marks_the_cells_whose_crop_context_is_cut(tmp_path, big: SparseSample, augment) -> None:
+    from ctvq.ct.sample import save_sample
+    from ctvq.data.datasets import SparseSDF
+
+    save_sample(big, tmp_path / "big.npz")
+    plain = SparseSDF(tmp_path, resolution=64, max_points=MAX_POINTS, seed=5, augment=augment)[0]
+    assert plain["supervised"].all()  # crop_margin 0: the whole crop is supervised
+    item = SparseSDF(tmp_path, resolution=64, max_points=MAX_POINTS, seed=5, augment=augment,
+                     crop_margin=1)[0]
+    supervised = item["supervised"].numpy()
+    assert 0 < supervised.sum() < supervised.size
+    kept = item["latent_coords"].numpy().astype(np.int64)
+    kept_set = set(map(tuple, kept.tolist()))
+    # In the item's own frame (after any symmetry), a cell is left out iff a neighbour of the full case is
+    # missing from the crop: the full case's cells, moved the same way, are the neighbours that exist.
+    old_to_new = np.linalg.inv(item["affine"].numpy()) @ big.affine  # voxel index before -> after
+    centres = np.c_[big.latent_coords * LATENT_STRIDE + (LATENT_STRIDE - 1) / 2, np.ones(big.num_latent)]
+    moved = np.rint(((old_to_new @ centres.T).T[:, :3] - (LATENT_STRIDE - 1) / 2) / LATENT_STRIDE)
+    full_set = set(map(tuple, moved.astype(np.int64).tolist()))
+    assert kept_set <= full_set
+    for cell, flag in zip(kept.tolist(), supervised, strict=True):
+        around = {(cell[0] + a, cell[1] + b, cell[2] + c) for a in (-1, 0, 1) for b in (-1, 0, 1)
+                  for c in (-1, 0, 1)}
+        assert flag == (around & full_set <= kept_set)

@@ -66,13 +66,18 @@ def coordinate_rows(query: torch.Tensor, table: torch.Tensor, what: str = "coord
     return order[pos]
 
 
+def parent_rows(decoded_coords: torch.Tensor, latent_coords: torch.Tensor) -> torch.Tensor:
+    """Row of ``latent_coords`` holding each decoded voxel's parent cell."""
+    parents = decoded_coords.long().clone()
+    parents[:, 1:] = torch.div(parents[:, 1:], UPSAMPLE_FACTOR, rounding_mode="floor")
+    return coordinate_rows(parents, latent_coords, "decoded voxels vs batch latent_coords")
+
+
 def gather_targets(
     decoded_coords: torch.Tensor, latent_coords: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
     """Target of each decoded voxel: ``targets[row, x % 8, y % 8, z % 8]`` where row holds its parent cell."""
-    parents = decoded_coords.long().clone()
-    parents[:, 1:] = torch.div(parents[:, 1:], UPSAMPLE_FACTOR, rounding_mode="floor")
-    rows = coordinate_rows(parents, latent_coords, "decoded voxels vs batch latent_coords")
+    rows = parent_rows(decoded_coords, latent_coords)
     local = decoded_coords[:, 1:].long() % UPSAMPLE_FACTOR
     return targets.to(decoded_coords.device)[rows, local[:, 0], local[:, 1], local[:, 2]]
 
@@ -119,6 +124,20 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str
     if weights is None:
         return per_voxel.mean()
     return (per_voxel * weights).sum()
+
+
+def occupancy_dice_loss(pred: torch.Tensor, target: torch.Tensor, logits_per_unit: float) -> torch.Tensor:
+    """1 - soft Dice of the decoded inside against the true inside (``target < 0``).
+
+    The reconstruction loss is a per-voxel SDF error; occupancy IoU counts sign errors, which on thin anatomy
+    are a few voxels of a rare class. Dice scores the overlap of that class as a whole (the usual remedy for
+    class imbalance in medical segmentation). The soft inside of a voxel is ``sigmoid(-logits_per_unit *
+    pred)``, so its gradient is concentrated at the voxels next to the decoded surface.
+    """
+    inside = (target < 0).to(pred.dtype)
+    soft = torch.sigmoid(-logits_per_unit * pred)
+    overlap = (soft * inside).sum()
+    return 1.0 - (2.0 * overlap + 1.0) / (soft.sum() + inside.sum() + 1.0)
 
 
 class SparseSDFVQVAE(nn.Module):
@@ -305,7 +324,7 @@ class SparseSDFVQVAE(nn.Module):
     # -- training forward --------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any], loss_type: str = "l1", recon_weighting: str = "uniform",
                 uniform_mix: float = 0.0,
-                bypass_quantizer: bool = False) -> dict[str, Any]:
+                bypass_quantizer: bool = False, occupancy_logits_per_unit: float = 4.0) -> dict[str, Any]:
         """Encode, quantize, decode and compare with ``batch['targets']`` (matched by coordinates).
 
         ``bypass_quantizer``: decode the continuous latent (autoencoder warm-up); the VQ losses are 0 and
@@ -328,10 +347,17 @@ class SparseSDFVQVAE(nn.Module):
         recon = self.decode(latent)
         target = gather_targets(recon.coords, latent_coords, batch["targets"]).float()
         pred = recon.feats[:, 0].float()
+        supervised = batch.get("supervised")
+        loss_pred, loss_target = pred, target
+        if supervised is not None and not bool(supervised.all()):
+            keep = supervised.to(recon.coords.device)[parent_rows(recon.coords, latent_coords)]
+            loss_pred, loss_target = pred[keep], target[keep]
         return {
             "recon": recon,
             "target": target,
-            "recon_loss": reconstruction_loss(pred, target, loss_type, recon_weighting, uniform_mix),
+            "recon_loss": reconstruction_loss(loss_pred, loss_target, loss_type, recon_weighting,
+                                              uniform_mix),
+            "occupancy_loss": occupancy_dice_loss(loss_pred, loss_target, occupancy_logits_per_unit),
             "codebook_loss": q.codebook_loss,
             "commitment_loss": q.commitment_loss,
             "indices": q.indices,
