@@ -125,3 +125,16 @@ def write_manifest(path: Path, sample_paths: Sequence[Path], *, min_points: int 
     table = ct_manifest.manifest_table(sample_paths, path.parent, min_points=min_points, split=split)
     ct_manifest.write_manifest(table, path)
     return path
+
+
+def bench_module(name: str):
+    """``bench/<name>.py`` as a module (bench scripts import their siblings by name, as run as scripts)."""
+    import importlib
+    import sys
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(bench)

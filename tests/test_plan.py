@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from data_helpers import write_cases, write_manifest
+from data_helpers import bench_module, write_cases, write_manifest
 
 from ctvq.cli import main
 from ctvq.cli.plan import memory_mb
@@ -19,15 +19,7 @@ BENCH = ROOT / "bench"
 
 
 def bench_memory():
-    """bench/memory.py as a module (it imports its siblings by name, as when run as a script)."""
-    import importlib
-    import sys
-
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("memory")
-    finally:
-        sys.path.remove(str(BENCH))
+    return bench_module("memory")
 
 
 def test_memory_sizes_parse_with_binary_and_decimal_units():

@@ -1,0 +1,34 @@
+"""bench/quality.py's repeats: every variant trained with seeds 0..N-1, and the spread over those runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from data_helpers import bench_module
+
+
+def test_repeats_set_both_seeds_and_leave_a_single_run_alone():
+    quality = bench_module("quality")
+    variant = quality.Variant("v", Path("s1.json"), Path("s2.json"), {"trainer.args.lr": 1e-3})
+    assert quality.repeated(variant, 0, 1) is variant
+    second = quality.repeated(variant, 2, 3)
+    assert second.patch == {"trainer.args.lr": 1e-3, "trainer.args.seed": 2, "dataset.args.seed": 2}
+
+
+def test_spread_is_the_mean_and_range_of_each_variant_and_subset_over_its_runs():
+    quality = bench_module("quality")
+
+    def run(variant, repeat, iou, usage):
+        summary = {"occupancy_iou": iou, "chamfer_l1_vox": None, "codebook_usage": usage}
+        return {"window": "lung", "resolution": 64, "variant": variant, "repeat": repeat,
+                "eval": {"phantom": {"summary": summary}}}
+
+    rows = quality.spread([run("a", 0, 0.8, 0.5), run("a", 1, 0.9, 0.7), run("b", 0, 0.5, 0.1)])
+    by_variant = {r["variant"]: r for r in rows}
+    a = by_variant["a"]
+    assert a["runs"] == 2 and a["subset"] == "phantom"
+    assert a["occupancy_iou"] == pytest.approx({"mean": 0.85, "min": 0.8, "max": 0.9})
+    assert a["codebook_usage"]["mean"] == pytest.approx(0.6)
+    assert a["chamfer_l1_vox"] is None  # no run had it
+    assert by_variant["b"]["runs"] == 1
