@@ -366,12 +366,6 @@ class TrainerConfig:
     recon_weighting_anneal_steps: int = spec(0, check=NON_NEGATIVE,
         doc="Move the weights linearly from recon_weighting to the plain mean over this many steps; 0 keeps "
             "recon_weighting.")  # ctvq: see Trainer.uniform_mix
-    lambda_occupancy: float = spec(0.0, check=NON_NEGATIVE,
-        doc="Weight of the occupancy Dice loss: 1 - soft Dice of the decoded inside (sdf < 0) against the "
-            "true inside; 0 leaves it out.")  # ctvq: see occupancy_dice_loss
-    occupancy_sharpness: float = spec(4.0, check=POSITIVE,
-        doc="Logits per voxel of distance from the decoded surface in the soft inside of lambda_occupancy "
-            "(higher: a sharper, more local term).")
     lambda_vq: float = spec(1.0, check=NON_NEGATIVE, doc="Weight of the codebook loss.")
     lambda_commitment: float = spec(0.25, check=NON_NEGATIVE, doc="Weight of the commitment loss.")
     fp16_mode: Literal["amp", "inflat_all"] | None = spec("inflat_all",

@@ -126,20 +126,6 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str
     return (per_voxel * weights).sum()
 
 
-def occupancy_dice_loss(pred: torch.Tensor, target: torch.Tensor, logits_per_unit: float) -> torch.Tensor:
-    """1 - soft Dice of the decoded inside against the true inside (``target < 0``).
-
-    The reconstruction loss is a per-voxel SDF error; occupancy IoU counts sign errors, which on thin anatomy
-    are a few voxels of a rare class. Dice scores the overlap of that class as a whole (the usual remedy for
-    class imbalance in medical segmentation). The soft inside of a voxel is ``sigmoid(-logits_per_unit *
-    pred)``, so its gradient is concentrated at the voxels next to the decoded surface.
-    """
-    inside = (target < 0).to(pred.dtype)
-    soft = torch.sigmoid(-logits_per_unit * pred)
-    overlap = (soft * inside).sum()
-    return 1.0 - (2.0 * overlap + 1.0) / (soft.sum() + inside.sum() + 1.0)
-
-
 class SparseSDFVQVAE(nn.Module):
     """Encoder (Direct3D-S2 layout) -> VectorQuantizer on the first ``latent_channels`` -> decoder."""
 
@@ -324,7 +310,7 @@ class SparseSDFVQVAE(nn.Module):
     # -- training forward --------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any], loss_type: str = "l1", recon_weighting: str = "uniform",
                 uniform_mix: float = 0.0,
-                bypass_quantizer: bool = False, occupancy_logits_per_unit: float = 4.0) -> dict[str, Any]:
+                bypass_quantizer: bool = False) -> dict[str, Any]:
         """Encode, quantize, decode and compare with ``batch['targets']`` (matched by coordinates).
 
         ``bypass_quantizer``: decode the continuous latent (autoencoder warm-up); the VQ losses are 0 and
@@ -357,7 +343,6 @@ class SparseSDFVQVAE(nn.Module):
             "target": target,
             "recon_loss": reconstruction_loss(loss_pred, loss_target, loss_type, recon_weighting,
                                               uniform_mix),
-            "occupancy_loss": occupancy_dice_loss(loss_pred, loss_target, occupancy_logits_per_unit),
             "codebook_loss": q.codebook_loss,
             "commitment_loss": q.commitment_loss,
             "indices": q.indices,

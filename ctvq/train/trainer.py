@@ -47,8 +47,7 @@ from ctvq.train.rundir import (
 from ctvq.train.snapshot import write_snapshot
 from ctvq.train.stop import STOP_SIGNALS, StopRequests, TrainingInterrupted
 
-LOSS_KEYS = ("loss", "recon_loss", "occupancy_loss", "codebook_loss", "commitment_loss", "usage",
-             "perplexity")
+LOSS_KEYS = ("loss", "recon_loss", "codebook_loss", "commitment_loss", "usage", "perplexity")
 
 
 @dataclass(frozen=True)
@@ -111,8 +110,6 @@ class Trainer:
     def __init__(self, cfg: CTVQConfig, options: RunOptions, info: dist_util.DistInfo | None = None) -> None:
         self.cfg = cfg
         self.t = t = cfg.trainer
-        # The decoder's sdf is in units of the band: one voxel is 1 / band of it.
-        self.occupancy_logits_per_unit = t.occupancy_sharpness * cfg.dataset.band
         self.options = options
         self.info = info or dist_util.DistInfo(0, 1, 0, torch.device("cpu"))
         self.device = self.info.device
@@ -285,10 +282,8 @@ class Trainer:
             with sync, grad:
                 with self.precision.autocast():
                     out = self.net(mb, loss_type=t.loss_type, recon_weighting=t.recon_weighting,
-                                   uniform_mix=self.uniform_mix(), bypass_quantizer=self.autoencoder,
-                                   occupancy_logits_per_unit=self.occupancy_logits_per_unit)
-                loss = (out["recon_loss"].float() + t.lambda_occupancy * out["occupancy_loss"].float()
-                        + t.lambda_vq * out["codebook_loss"].float()
+                                   uniform_mix=self.uniform_mix(), bypass_quantizer=self.autoencoder)
+                loss = (out["recon_loss"].float() + t.lambda_vq * out["codebook_loss"].float()
                         + t.lambda_commitment * out["commitment_loss"].float())
                 if trains:
                     self.precision.backward(loss * weight)
