@@ -211,10 +211,6 @@ class DatasetConfig:
                                       doc="Per training item: none, flips (one of the 8 axis flips) or cube "
                                           "(one of the 48 symmetries of the cube), exact on the sparse "
                                           "sample.")  # ctvq: see ctvq.data.augment
-    crop_margin: int = spec(0, check=NON_NEGATIVE,
-                            doc="Latent cells of a max_points crop that lie within this many cells of a "
-                                "dropped cell are encoded and decoded but left out of the loss (their "
-                                "context is cut); 0 supervises the whole crop.")  # ctvq: see crop.py
 
     def window(self) -> tuple[float, float]:
         """(width, level) in HU of this dataset's window."""

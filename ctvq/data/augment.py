@@ -47,12 +47,6 @@ def _transform_coords(coords: np.ndarray, size: int, order: tuple[int, ...], fli
     return out
 
 
-def transform_latent_coords(latent_coords: np.ndarray, resolution: int, order: tuple[int, ...],
-                            flips: tuple[bool, ...]) -> np.ndarray:
-    """Latent cell coordinates [M, 3] of a sample at ``resolution`` after the symmetry."""
-    return _transform_coords(latent_coords, resolution // LATENT_STRIDE, order, flips)
-
-
 def voxel_transform(resolution: int, order: tuple[int, ...], flips: tuple[bool, ...]) -> np.ndarray:
     """(4, 4) matrix taking an old voxel index (x, y, z, 1) to its index after the symmetry."""
     t = np.zeros((4, 4))
@@ -99,4 +93,4 @@ def apply_symmetry(sample: SparseSample, order: tuple[int, ...], flips: tuple[bo
     )
 
 
-__all__ = ["AUGMENTS", "apply_symmetry", "random_symmetry", "transform_latent_coords", "voxel_transform"]
+__all__ = ["AUGMENTS", "apply_symmetry", "random_symmetry", "voxel_transform"]

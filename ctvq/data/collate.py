@@ -79,9 +79,6 @@ def collate_sparse(items: Sequence[Item]) -> dict[str, Any]:
         "feats": torch.cat([item["feats"] for item in items], 0),
         "latent_coords": with_batch_index("latent_coords"),
         "targets": torch.cat([item["targets"] for item in items], 0),
-        "supervised": torch.cat([item["supervised"] if "supervised" in item
-                                 else torch.ones(item["latent_coords"].shape[0], dtype=torch.bool)
-                                 for item in items], 0),
         "affines": torch.stack([item["affine"] for item in items], 0),
         "point_offsets": offsets("coords"),
         "latent_offsets": offsets("latent_coords"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-from scipy import ndimage
 
 from ctvq.ct.sample import SparseSample
 
@@ -66,25 +65,6 @@ def select_cells(sample: SparseSample, cells: np.ndarray) -> SparseSample:
         cell_start=cell_start,
         inside_bits=sample.inside_bits[cells],
     )
-
-def context_complete_cells(full_latent: np.ndarray, kept_latent: np.ndarray, margin: int) -> np.ndarray:
-    """Which kept cells have every cell of the full case within ``margin`` (Chebyshev, in latent cells) kept.
-
-    A crop truncates the encoder's and decoder's context at its border: a kept cell next to a dropped one
-    sees "no band here" where the full case has a surface, a situation evaluation never shows. The mask is
-    computed from coordinates alone, so it holds for any order of the cells (e.g. after an augmentation).
-    """
-    kept_latent = np.asarray(kept_latent, dtype=np.int64)
-    if margin <= 0 or kept_latent.shape[0] == 0:
-        return np.ones(kept_latent.shape[0], dtype=bool)
-    full_latent = np.asarray(full_latent, dtype=np.int64)
-    extent = np.maximum(full_latent.max(axis=0), kept_latent.max(axis=0)) + 1 + 2 * margin
-    dropped = np.zeros(tuple(extent), dtype=bool)
-    dropped[tuple((full_latent + margin).T)] = True
-    dropped[tuple((kept_latent + margin).T)] = False
-    near = ndimage.maximum_filter(dropped, size=2 * margin + 1, mode="constant", cval=False)
-    return ~near[tuple((kept_latent + margin).T)]
-
 
 def crop_to_budget(sample: SparseSample, max_points: int, rng: np.random.Generator) -> SparseSample:
     """Return ``sample`` itself if it fits ``max_points``, else a latent-aligned crop that does."""

@@ -45,8 +45,8 @@ from ctvq.ct.sample import (
 )
 from ctvq.ct.splits import SPLITS
 from ctvq.ct.windows import CUSTOM, WINDOWS
-from ctvq.data.augment import AUGMENTS, apply_symmetry, random_symmetry, transform_latent_coords
-from ctvq.data.crop import context_complete_cells, crop_to_budget
+from ctvq.data.augment import AUGMENTS, apply_symmetry, random_symmetry
+from ctvq.data.crop import crop_to_budget
 
 logger = logging.getLogger(__name__)
 
@@ -197,20 +197,13 @@ def build_from_windowed(path: Path, *, band: float, iso_value: float) -> SparseS
         raise DatasetError(f"{path}: cannot build a sample from this windowed volume ({exc})") from exc
 
 
-def sample_to_item(sample: SparseSample, *, num_points_full: int,
-                   supervised: np.ndarray | None = None) -> dict[str, Any]:
-    """The training item of one (possibly cropped) sample, as torch tensors.
-
-    ``supervised`` [M] bool: the latent cells whose decoded voxels the loss counts (all when None).
-    """
-    if supervised is None:
-        supervised = np.ones(sample.num_latent, dtype=bool)
+def sample_to_item(sample: SparseSample, *, num_points_full: int) -> dict[str, Any]:
+    """The training item of one (possibly cropped) sample, as torch tensors."""
     return {
         "coords": torch.from_numpy(sample.coords.astype(np.int32)),
         "feats": torch.from_numpy(sample.sdf.astype(np.float32).reshape(-1, 1)),
         "latent_coords": torch.from_numpy(sample.latent_coords.astype(np.int32)),
         "targets": torch.from_numpy(decoder_targets(sample)),
-        "supervised": torch.from_numpy(np.asarray(supervised, dtype=bool)),
         "affine": torch.tensor(sample.affine, dtype=torch.float64),  # a copy: never alias a cached sample
         "case_id": sample.case_id,
         "window": sample.window,
@@ -265,13 +258,11 @@ class _SparseDataset(Dataset):
         iso_value: float,
         seed: int,
         augment: str,
-        crop_margin: int,
     ) -> None:
         if augment not in AUGMENTS:
             raise DatasetError(f"augment={augment!r}; use one of {AUGMENTS}")
         for name, value, low in (("resolution", resolution, 8), ("min_points", min_points, 0),
-                                 ("max_points", max_points, 1), ("seed", seed, 0),
-                                 ("crop_margin", crop_margin, 0)):
+                                 ("max_points", max_points, 1), ("seed", seed, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise DatasetError(f"{name} must be an int >= {low}, got {value!r}")
         if band <= 0 or not 0.0 < iso_value < 1.0:
@@ -287,7 +278,6 @@ class _SparseDataset(Dataset):
         self.iso_value = float(iso_value)
         self.seed = seed
         self.augment = augment
-        self.crop_margin = crop_margin
         # Shared memory, so set_epoch reaches persistent DataLoader workers too.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.filtered: list[tuple[str, str]] = []
@@ -440,16 +430,9 @@ class _SparseDataset(Dataset):
         sample = self._cache[index] if self._cache is not None else self._load(record)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         cropped = crop_to_budget(sample, self.max_points, rng)
-        full_latent = sample.latent_coords
         if self.augment != "none":
-            symmetry = random_symmetry(rng, self.augment)
-            cropped = apply_symmetry(cropped, *symmetry)
-            if cropped is not sample and self.crop_margin:
-                full_latent = transform_latent_coords(full_latent, sample.resolution, *symmetry)
-        supervised = None
-        if self.crop_margin and cropped.num_latent < sample.num_latent:
-            supervised = context_complete_cells(full_latent, cropped.latent_coords, self.crop_margin)
-        return sample_to_item(cropped, num_points_full=sample.num_points, supervised=supervised)
+            cropped = apply_symmetry(cropped, *random_symmetry(rng, self.augment))
+        return sample_to_item(cropped, num_points_full=sample.num_points)
 
 
 class SparseSDF(_SparseDataset):
@@ -468,12 +451,10 @@ class SparseSDF(_SparseDataset):
         iso_value: float = DatasetConfig.iso_value,
         seed: int = DatasetConfig.seed,
         augment: str = DatasetConfig.augment,
-        crop_margin: int = DatasetConfig.crop_margin,
     ) -> None:
         super().__init__(source, window=None, resolution=resolution, min_points=min_points,
                          max_points=max_points, cache_data=cache_data, precompute_sparse=precompute_sparse,
-                         band=band, iso_value=iso_value, seed=seed, augment=augment,
-                         crop_margin=crop_margin)
+                         band=band, iso_value=iso_value, seed=seed, augment=augment)
 
 
 def _check_no_duplicates(records: list[CaseRecord], source: Path) -> None:
@@ -516,10 +497,8 @@ class CTWindowSparseSDF(_SparseDataset):
         window_width: float | None = DatasetConfig.window_width,
         window_level: float | None = DatasetConfig.window_level,
         augment: str = DatasetConfig.augment,
-        crop_margin: int = DatasetConfig.crop_margin,
     ) -> None:
         window = resolve_window(window_type, window_width, window_level)
         super().__init__(source, window=window, resolution=resolution, min_points=min_points,
                          max_points=max_points, cache_data=cache_data, precompute_sparse=precompute_sparse,
-                         band=band, iso_value=iso_value, seed=seed, augment=augment,
-                         crop_margin=crop_margin)
+                         band=band, iso_value=iso_value, seed=seed, augment=augment)

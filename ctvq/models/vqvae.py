@@ -66,18 +66,13 @@ def coordinate_rows(query: torch.Tensor, table: torch.Tensor, what: str = "coord
     return order[pos]
 
 
-def parent_rows(decoded_coords: torch.Tensor, latent_coords: torch.Tensor) -> torch.Tensor:
-    """Row of ``latent_coords`` holding each decoded voxel's parent cell."""
-    parents = decoded_coords.long().clone()
-    parents[:, 1:] = torch.div(parents[:, 1:], UPSAMPLE_FACTOR, rounding_mode="floor")
-    return coordinate_rows(parents, latent_coords, "decoded voxels vs batch latent_coords")
-
-
 def gather_targets(
     decoded_coords: torch.Tensor, latent_coords: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
     """Target of each decoded voxel: ``targets[row, x % 8, y % 8, z % 8]`` where row holds its parent cell."""
-    rows = parent_rows(decoded_coords, latent_coords)
+    parents = decoded_coords.long().clone()
+    parents[:, 1:] = torch.div(parents[:, 1:], UPSAMPLE_FACTOR, rounding_mode="floor")
+    rows = coordinate_rows(parents, latent_coords, "decoded voxels vs batch latent_coords")
     local = decoded_coords[:, 1:].long() % UPSAMPLE_FACTOR
     return targets.to(decoded_coords.device)[rows, local[:, 0], local[:, 1], local[:, 2]]
 
@@ -333,16 +328,10 @@ class SparseSDFVQVAE(nn.Module):
         recon = self.decode(latent)
         target = gather_targets(recon.coords, latent_coords, batch["targets"]).float()
         pred = recon.feats[:, 0].float()
-        supervised = batch.get("supervised")
-        loss_pred, loss_target = pred, target
-        if supervised is not None and not bool(supervised.all()):
-            keep = supervised.to(recon.coords.device)[parent_rows(recon.coords, latent_coords)]
-            loss_pred, loss_target = pred[keep], target[keep]
         return {
             "recon": recon,
             "target": target,
-            "recon_loss": reconstruction_loss(loss_pred, loss_target, loss_type, recon_weighting,
-                                              uniform_mix),
+            "recon_loss": reconstruction_loss(pred, target, loss_type, recon_weighting, uniform_mix),
             "codebook_loss": q.codebook_loss,
             "commitment_loss": q.commitment_loss,
             "indices": q.indices,

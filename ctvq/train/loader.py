@@ -69,7 +69,7 @@ def build_dataset(cfg: DatasetConfig, source: Path) -> CTWindowSparseSDF | Spars
     """
     common = dict(resolution=cfg.resolution, min_points=cfg.min_points, max_points=cfg.max_points,
                   cache_data=cfg.cache_data, precompute_sparse=cfg.precompute_sparse, band=cfg.band,
-                  iso_value=cfg.iso_value, seed=cfg.seed, augment=cfg.augment, crop_margin=cfg.crop_margin)
+                  iso_value=cfg.iso_value, seed=cfg.seed, augment=cfg.augment)
     if cfg.name == "CTWindowSparseSDF":
         dataset = CTWindowSparseSDF(source, window_type=cfg.window_type, window_width=cfg.window_width,
                                     window_level=cfg.window_level, **common)
