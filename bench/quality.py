@@ -470,6 +470,7 @@ def print_tables(data: dict[str, Any], results: list[dict[str, Any]]) -> None:
     head = ["window", "res", "variant", "subset", "status", "IoU", "CD-L1 mm", "CD-L1 vox", "F@1vox", "F@1mm",
             "SDF MAE vox", "usage", "ppl", "collapsed", "steps s1+s2", "train wall min", "train CPU min"]
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    repeats = any(r.get("repeat", 0) for r in results)
     for r in results:
         train = r.get("train", {})
         wall = sum(s.get("wall_s", 0.0) for s in train.values()) / 60
@@ -477,12 +478,13 @@ def print_tables(data: dict[str, Any], results: list[dict[str, Any]]) -> None:
         steps = "+".join(str(s.get("steps", "?")) for s in train.values())
         for subset, ev in (r["eval"] or {"-": {}}).items():
             s = ev.get("summary", {})
-            cells = [r["window"], r["resolution"], r["variant"], subset, r["status"],
+            name = f"{r['variant']} seed {r['repeat']}" if repeats else r["variant"]
+            cells = [r["window"], r["resolution"], name, subset, r["status"],
                      *(_fmt(s.get(k), 1 if k == "perplexity" else 3) for k in TABLE_KEYS),
                      f"{s['collapsed']}/{s['cases']}" if s else "n/a", steps, f"{wall:.2f}",
                      f"{cpu:.2f}"]
             print("| " + " | ".join(map(str, cells)) + " |")
-    if any(r.get("repeat", 0) for r in results):
+    if repeats:
         print_spread(results)
 
 
