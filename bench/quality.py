@@ -15,8 +15,8 @@ same scale. Leave-one-patient-out would triple the cost for three patients.
 Metrics: eval's occupancy IoU, Chamfer-L1 (mm; voxels = mm / the case's voxel edge), F-score at 1 mm (eval's
 thresholds are fixed, 0.5 and 1 mm, with no option) plus F-score at 1 voxel computed here from eval's meshes
 with ctvq.eval.metrics.surface_distances, band SDF MAE (voxels), codebook usage and perplexity (all held-out
-tokens of the subset), collapsed cases (no reconstructed triangle or IoU 0), steps, wall and CPU minutes of
-training (getrusage of the child processes). A failing variant is recorded with its log tail.
+tokens of the subset), collapsed cases (ctvq eval's: no reconstructed triangle, or IoU 0), steps, wall and
+CPU minutes of training (getrusage of the child processes). A failing variant is recorded with its log tail.
 
 Run-to-run spread: at the demo budget two trainings of one config that differ only in their seeds differ
 by about as much as most config changes do (held-out lung IoU 0.84 against 0.87, real CT 0.74 against
@@ -346,7 +346,7 @@ def voxel_metrics(table: pd.DataFrame, manifest: Path, meshes: Path, points: int
         edge = voxel_edge_mm(load_sample(where[str(row["case_id"])]).affine)
         row["voxel_edge_mm"] = edge
         row["chamfer_l1_vox"] = None if row.get("chamfer_l1_mm") is None else row["chamfer_l1_mm"] / edge
-        row["collapsed"] = bool(row.get("recon_faces", 0) == 0 or row.get("occupancy_iou", 0) == 0)
+        row["collapsed"] = bool(row["collapsed"])  # ctvq eval's verdict (ctvq.eval.surfaces.collapse_reason)
         rec, inp = meshes / f"{row['case_id']}_recon.ply", meshes / f"{row['case_id']}_input.ply"
         if row.get("recon_faces", 0) == 0 or not rec.is_file() or not inp.is_file():
             row["fscore_1vox"] = 0.0 if row.get("input_faces", 0) else None

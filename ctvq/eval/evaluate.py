@@ -58,8 +58,8 @@ from ctvq.eval.surfaces import (
     Mesh,
     bounding_box,
     box_surface,
+    collapse_reason,
     dense_box,
-    no_surface_reason,
     write_ply,
 )
 from ctvq.eval.tokens import cell_voxels, decode_tokens, encode_sample
@@ -136,8 +136,9 @@ def evaluate_case(loaded: LoadedModel, sample: SparseSample, *, points: int = DE
         **codebook_stats(counts),
         "input_faces": input_mesh.num_faces,
         "recon_faces": recon_mesh.num_faces,
-        "collapsed": recon_mesh.num_faces == 0,  # no reconstructed surface (see `warn_if_collapsed`)
     }
+    metrics["collapsed"] = collapse_reason(recon_box.values[recon_box.known], recon_mesh.num_faces,
+                                           metrics["occupancy_iou"], input_mesh.num_faces) is not None
     return CaseEvaluation(metrics, counts, input_box, recon_box, input_mesh, recon_mesh, seconds)
 
 
@@ -281,15 +282,14 @@ def figure_planes_for(path: Path, sample: SparseSample, windowed_dir: Path | Non
 
 
 def warn_if_collapsed(result: CaseEvaluation) -> None:
-    """One loud stderr line for a case without a reconstructed surface (also when ``quiet``): its surface
-    metrics are undefined and its others describe a model that learned nothing, which a mean would hide."""
+    """One loud stderr line for a collapsed case (also when ``quiet``): its surface metrics are undefined or
+    meaningless and its others describe a model that learned nothing, which a mean would hide."""
     if not result.metrics["collapsed"]:
         return
-    box = result.recon_box
-    reason = no_surface_reason(box.values[box.known], result.recon_mesh.num_faces)
-    print(f"ctvq eval: WARNING: collapse: case {result.metrics['case_id']}: no reconstructed surface "
-          f"({reason}); the checkpoint has likely collapsed (look for 'WARNING: collapse:' in its training "
-          "log)", file=sys.stderr, flush=True)
+    box, m = result.recon_box, result.metrics
+    reason = collapse_reason(box.values[box.known], m["recon_faces"], m["occupancy_iou"], m["input_faces"])
+    print(f"ctvq eval: WARNING: collapse: case {m['case_id']}: {reason}; the checkpoint has likely collapsed "
+          "(look for 'WARNING: collapse:' in its training log)", file=sys.stderr, flush=True)
 
 
 def _print_case(number: int, total: int, split: str, result: CaseEvaluation) -> None:

@@ -156,5 +156,21 @@ def write_ply(mesh: Mesh, path: str | os.PathLike) -> None:
         tmp.write_bytes(data)
 
 
-__all__ = ["DenseBox", "Mesh", "bounding_box", "box_surface", "dense_box", "no_surface_reason",
-           "sparse_surface", "to_patient_mm", "write_ply"]
+def collapse_reason(values: np.ndarray, num_faces: int, occupancy_iou: float, input_faces: int) -> str | None:
+    """Why a reconstruction counts as collapsed, in words (None when it does not).
+
+    No surface at all (see ``no_surface_reason``), or a surface whose inside overlaps none of the input's
+    (IoU 0 while the input has a surface): a few stray triangles elsewhere, measured on real bone at 64³
+    (148 faces against 12,706), which a face count alone would let pass.
+    """
+    reason = no_surface_reason(values, num_faces)
+    if reason is not None:
+        return f"no reconstructed surface ({reason})"
+    if occupancy_iou == 0.0 and input_faces > 0:
+        return (f"the reconstructed surface ({num_faces} faces, the input's has {input_faces}) encloses none "
+                "of the input's inside (IoU 0)")
+    return None
+
+
+__all__ = ["DenseBox", "Mesh", "bounding_box", "box_surface", "collapse_reason", "dense_box",
+           "no_surface_reason", "sparse_surface", "to_patient_mm", "write_ply"]
