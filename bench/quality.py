@@ -19,10 +19,11 @@ tokens of the subset), collapsed cases (ctvq eval's: no reconstructed triangle, 
 CPU minutes of training (getrusage of the child processes). A failing variant is recorded with its log tail.
 
 Run-to-run spread: at the demo budget two trainings of one config that differ only in their seeds differ
-by about as much as most config changes do (held-out lung IoU 0.84 against 0.87, real CT 0.74 against
-0.80). ``--repeats N`` trains every variant N times with ``trainer.args.seed`` and ``dataset.args.seed``
-set to 0..N-1 and prints the mean and the range over the repeats next to the per-run rows; a difference
-inside the ranges is not a result.
+by about as much as most config changes do (the shipped tiny configs over three seeds, lung 64³: held-out
+phantom IoU 0.843-0.864, real CT 0.750-0.802; bench/results/quality_lung_repeats.json). ``--repeats N``
+trains every variant N times with ``trainer.args.seed`` and ``dataset.args.seed`` set to 0..N-1 and prints
+the mean and the range over the repeats next to the per-run rows; a difference inside the ranges is not a
+result.
 
     .venv/bin/python bench/quality.py [--windows lung,bone,soft_tissue] [--resolutions 64,128]
         [--variants baseline,current] [--variant NAME=STAGE1.json,STAGE2.json[,PATCH.json]]
