@@ -144,12 +144,13 @@ def test_eval_refuses_a_sample_whose_case_id_would_write_outside_its_folder(runs
 
 
 def test_a_surface_that_encloses_none_of_the_input_counts_as_collapsed() -> None:
-    from ctvq.eval.surfaces import collapse_reason
+    from ctvq.eval.surfaces import collapse_reason, dense_box
 
-    outside = np.ones(100)
+    coords = np.array([[x, y, z] for x in range(5) for y in range(5) for z in range(4)])
+    outside = dense_box(coords, np.ones(100), np.zeros(3, int), (5, 5, 4))
     reason = collapse_reason(outside, 0, 0.0, 50)
     assert "no reconstructed surface (all 100 decoded voxels are outside" in reason
-    mixed = np.r_[-np.ones(3), np.ones(97)]
+    mixed = dense_box(coords, np.r_[-np.ones(3), np.ones(97)], np.zeros(3, int), (5, 5, 4))
     # a few stray triangles away from the anatomy: measured on real bone at 64³ (148 faces, IoU 0)
     assert "encloses none of the input's inside (IoU 0)" in collapse_reason(mixed, 148, 0.0, 12706)
     assert collapse_reason(mixed, 148, 0.01, 12706) is None  # some overlap: a bad model, not a collapse

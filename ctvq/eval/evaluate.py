@@ -137,8 +137,8 @@ def evaluate_case(loaded: LoadedModel, sample: SparseSample, *, points: int = DE
         "input_faces": input_mesh.num_faces,
         "recon_faces": recon_mesh.num_faces,
     }
-    metrics["collapsed"] = collapse_reason(recon_box.values[recon_box.known], recon_mesh.num_faces,
-                                           metrics["occupancy_iou"], input_mesh.num_faces) is not None
+    metrics["collapsed"] = collapse_reason(recon_box, recon_mesh.num_faces, metrics["occupancy_iou"],
+                                           input_mesh.num_faces) is not None
     return CaseEvaluation(metrics, counts, input_box, recon_box, input_mesh, recon_mesh, seconds)
 
 
@@ -286,8 +286,8 @@ def warn_if_collapsed(result: CaseEvaluation) -> None:
     meaningless and its others describe a model that learned nothing, which a mean would hide."""
     if not result.metrics["collapsed"]:
         return
-    box, m = result.recon_box, result.metrics
-    reason = collapse_reason(box.values[box.known], m["recon_faces"], m["occupancy_iou"], m["input_faces"])
+    m = result.metrics
+    reason = collapse_reason(result.recon_box, m["recon_faces"], m["occupancy_iou"], m["input_faces"])
     print(f"ctvq eval: WARNING: collapse: case {m['case_id']}: {reason}; the checkpoint has likely collapsed "
           "(look for 'WARNING: collapse:' in its training log)", file=sys.stderr, flush=True)
 

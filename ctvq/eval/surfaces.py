@@ -156,16 +156,15 @@ def write_ply(mesh: Mesh, path: str | os.PathLike) -> None:
         tmp.write_bytes(data)
 
 
-def collapse_reason(values: np.ndarray, num_faces: int, occupancy_iou: float, input_faces: int) -> str | None:
+def collapse_reason(recon: DenseBox, num_faces: int, occupancy_iou: float, input_faces: int) -> str | None:
     """Why a reconstruction counts as collapsed, in words (None when it does not).
 
     No surface at all (see ``no_surface_reason``), or a surface whose inside overlaps none of the input's
     (IoU 0 while the input has a surface): a few stray triangles elsewhere, measured on real bone at 64³
     (148 faces against 12,706), which a face count alone would let pass.
     """
-    reason = no_surface_reason(values, num_faces)
-    if reason is not None:
-        return f"no reconstructed surface ({reason})"
+    if num_faces == 0:  # the decoded values are read only then: a dense copy at every case costs memory
+        return f"no reconstructed surface ({no_surface_reason(recon.values[recon.known], num_faces)})"
     if occupancy_iou == 0.0 and input_faces > 0:
         return (f"the reconstructed surface ({num_faces} faces, the input's has {input_faces}) encloses none "
                 "of the input's inside (IoU 0)")
