@@ -12,9 +12,8 @@ are crops of one another: train = patient B (ts_aorta_ct and its two crops), hel
 (ts_example_ct) and patient C (ts_dicom_ct). ts_example_ct_sm is left out: a sub-slab of ts_example_ct at the
 same scale. Leave-one-patient-out would triple the cost for three patients.
 
-Metrics: eval's occupancy IoU, Chamfer-L1 (mm; voxels = mm / the case's voxel edge), F-score at 1 mm (eval's
-thresholds are fixed, 0.5 and 1 mm, with no option) plus F-score at 1 voxel computed here from eval's meshes
-with ctvq.eval.metrics.surface_distances, band SDF MAE (voxels), codebook usage and perplexity (all held-out
+Metrics, all ctvq eval's: occupancy IoU, Chamfer-L1 (mm and voxels), F-score at 1 mm and at 1 voxel, band
+SDF MAE (voxels), codebook usage and perplexity (all held-out
 tokens of the subset), collapsed cases (ctvq eval's: no reconstructed triangle, or IoU 0), steps, wall and
 CPU minutes of training (getrusage of the child processes). A failing variant is recorded with its log tail.
 
@@ -320,42 +319,31 @@ def eval_flags() -> list[str]:
 def evaluate(ckpt: Path, manifest: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """`ctvq eval` on one held-out subset, then voxel-unit numbers; metrics.json is read even on failure."""
     cmd = ctvq("eval", "--ckpt", str(ckpt), "--data", str(manifest), "-o", str(out / "metrics.json"),
-               "--device", args.device, "--points", str(args.points), "--no-figures", *args.eval_flags)
+               "--device", args.device, "--points", str(args.points), "--no-figures", "--no-meshes",
+               *args.eval_flags)
     result = run_logged(cmd, out / "eval.log", args.threads)
     metrics_file, cases_file = out / "metrics.json", out / "cases.csv"
     if metrics_file.is_file():
         result["metrics"] = json.loads(metrics_file.read_text())
     if cases_file.is_file():
-        cases = voxel_metrics(pd.read_csv(cases_file), manifest, out / "meshes", args.points)
+        cases = voxel_metrics(pd.read_csv(cases_file), manifest)
         result["cases"] = cases
         result["summary"] = summarise(cases, result.get("metrics", {}))
     return result
 
 
-def voxel_metrics(table: pd.DataFrame, manifest: Path, meshes: Path, points: int) -> list[dict[str, Any]]:
-    """Per case: Chamfer in voxels, F-score at a 1-voxel threshold (from eval's meshes), collapsed flag."""
-    import trimesh
-
+def voxel_metrics(table: pd.DataFrame, manifest: Path) -> list[dict[str, Any]]:
+    """Per case: eval's row (Chamfer in voxels, F-score at one voxel, collapsed) with the voxel edge."""
     from ctvq.ct.sample import load_sample
-    from ctvq.eval.metrics import fscore_key, surface_distances, voxel_edge_mm
+    from ctvq.eval.metrics import voxel_edge_mm
 
     samples = pd.read_csv(manifest, dtype={"case_id": str})
     where = {r.case_id: manifest.parent / r.sample_path for r in samples.itertuples()}
     out = []
     for row in table.to_dict("records"):
         row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-        edge = voxel_edge_mm(load_sample(where[str(row["case_id"])]).affine)
-        row["voxel_edge_mm"] = edge
-        row["chamfer_l1_vox"] = None if row.get("chamfer_l1_mm") is None else row["chamfer_l1_mm"] / edge
+        row["voxel_edge_mm"] = voxel_edge_mm(load_sample(where[str(row["case_id"])]).affine)
         row["collapsed"] = bool(row["collapsed"])  # ctvq eval's verdict (ctvq.eval.surfaces.collapse_reason)
-        rec, inp = meshes / f"{row['case_id']}_recon.ply", meshes / f"{row['case_id']}_input.ply"
-        if row.get("recon_faces", 0) == 0 or not rec.is_file() or not inp.is_file():
-            row["fscore_1vox"] = 0.0 if row.get("input_faces", 0) else None
-        else:
-            a, b = (trimesh.load(p, process=False, force="mesh") for p in (rec, inp))
-            dist = surface_distances(a.vertices, a.faces, b.vertices, b.faces, points=points,
-                                     thresholds=(edge,))
-            row["fscore_1vox"] = dist[fscore_key(edge)]
         out.append(row)
     return out
 

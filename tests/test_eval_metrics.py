@@ -52,6 +52,23 @@ def test_surface_offset_by_one_mm_gives_chamfer_one_mm():
     assert out["fscore_0.5mm"] == 0.0
 
 
+def test_voxel_unit_metrics_scale_by_the_voxel_edge():
+    """A 1 mm offset is half a voxel of 2 mm (every point within one voxel) and two voxels of 0.5 mm."""
+    inner, _ = sphere_mesh(10.0)
+    outer, _ = sphere_mesh(11.0)
+    args = (outer.vertices, outer.faces, inner.vertices, inner.faces)
+    plain = surface_distances(*args, points=5000, seed=0)
+    coarse = surface_distances(*args, points=5000, seed=0, voxel_mm=2.0)
+    fine = surface_distances(*args, points=5000, seed=0, voxel_mm=0.5)
+    assert coarse["chamfer_l1_vox"] == pytest.approx(plain["chamfer_l1_mm"] / 2.0)
+    assert coarse["fscore_1vox"] == 1.0 and fine["fscore_1vox"] == 0.0
+    assert {k: coarse[k] for k in plain} == plain and "fscore_2mm" not in coarse  # mm keys unchanged
+    assert fine["fscore_1vox"] == fine["fscore_0.5mm"]  # a voxel edge that is also a mm threshold keeps both
+    empty = np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
+    none = surface_distances(*empty, inner.vertices, inner.faces, points=100, voxel_mm=1.0)
+    assert none["chamfer_l1_vox"] is None and none["fscore_1vox"] == 0.0 and none["fscore_1mm"] == 0.0
+
+
 def test_translated_plane_by_one_mm_gives_chamfer_one_mm():
     idx = np.stack(np.meshgrid(*[np.arange(24)] * 3, indexing="ij"), -1).reshape(-1, 3)
     mm = idx @ AFFINE[:3, :3].T + AFFINE[:3, 3]

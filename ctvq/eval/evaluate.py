@@ -123,7 +123,7 @@ def evaluate_case(loaded: LoadedModel, sample: SparseSample, *, points: int = DE
     recon_mesh = box_surface(recon_box, sample.affine)
     lap("marching_cubes")
     surface = surface_distances(recon_mesh.vertices, recon_mesh.faces, input_mesh.vertices, input_mesh.faces,
-                                points=points, seed=seed)
+                                points=points, seed=seed, voxel_mm=voxel_edge_mm(sample.affine))
     lap("surface_distances")
     counts = code_histogram(tokens.indices, tokens.num_embeddings)
     metrics: dict[str, Any] = {
@@ -311,7 +311,8 @@ def print_summary(summary: dict[str, Any], data: str | os.PathLike) -> None:
             continue
         m = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{split}/")}
         print(f"ctvq eval: {split} ({m['num_cases']} cases): IoU {_fmt(m['occupancy_iou'])}, Chamfer-L1 "
-              f"{_fmt(m['chamfer_l1_mm'], ' mm')}, sdf MAE {_fmt(m['sdf_mae_mm'], ' mm')}", file=sys.stderr)
+              f"{_fmt(m['chamfer_l1_mm'], ' mm')} ({_fmt(m['chamfer_l1_vox'], ' voxel')}), F@1 voxel "
+              f"{_fmt(m['fscore_1vox'])}, sdf MAE {_fmt(m['sdf_mae_mm'], ' mm')}", file=sys.stderr)
     if summary["eval_split"] == "train":
         where = "" if Path(data).suffix.lower() == ".csv" else " (a folder or sample file has no split)"
         print(f"ctvq eval: no held-out cases: these are TRAINING-case metrics{where}", file=sys.stderr)

@@ -15,6 +15,7 @@ Definitions (lengths in patient millimetres via the sample's affine):
   ``chamfer_l1`` = mean of the two mean distances (mm); ``chamfer_l2`` = mean of the two mean SQUARED
   distances (mm²). ``fscore@t`` = 2PR / (P + R) with precision P = share of reconstruction points within t
   of the input surface and recall R = share of input points within t of the reconstruction surface.
+  ``chamfer_l1_vox`` and ``fscore_1vox`` are the same in voxel edges (F-score at a one-voxel threshold).
 - ``codebook_usage``: share of the codebook's entries used at least once; ``perplexity``: exp(entropy) of
   the code histogram.
 """
@@ -209,12 +210,23 @@ class SurfaceIndex:
 def surface_distances(
     rec_vertices: np.ndarray, rec_faces: np.ndarray, in_vertices: np.ndarray, in_faces: np.ndarray,
     *, points: int = DEFAULT_POINTS, seed: int = 0, thresholds: tuple[float, ...] = FSCORE_THRESHOLDS_MM,
+    voxel_mm: float | None = None,
 ) -> dict[str, float | None]:
     """Chamfer L1/L2, accuracy, completeness and F-scores between a reconstructed and an input mesh (mm).
 
-    A side without triangles has no distances: those entries are None and every F-score is 0, unless both
-    sides are empty (nothing to find, nothing found: Chamfer 0, F-score 1).
+    With ``voxel_mm`` (the voxel edge) also ``chamfer_l1_vox`` and ``fscore_1vox`` (F-score at one voxel), so
+    quality reads the same at every resolution. A side without triangles has no distances: those entries are
+    None and every F-score is 0, unless both sides are empty (nothing to find, nothing found: Chamfer 0,
+    F-score 1).
     """
+    if voxel_mm is not None:
+        out = surface_distances(rec_vertices, rec_faces, in_vertices, in_faces, points=points, seed=seed,
+                                thresholds=(*thresholds, voxel_mm))
+        edge_key = fscore_key(voxel_mm)
+        out["fscore_1vox"] = out[edge_key] if edge_key in map(fscore_key, thresholds) else out.pop(edge_key)
+        chamfer = out["chamfer_l1_mm"]
+        out["chamfer_l1_vox"] = None if chamfer is None else chamfer / voxel_mm
+        return out
     rec_points = sample_surface(rec_vertices, rec_faces, points, seed)
     in_points = sample_surface(in_vertices, in_faces, points, seed + 1)
     out: dict[str, float | None] = {}
