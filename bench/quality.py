@@ -317,7 +317,7 @@ def eval_flags() -> list[str]:
 
 
 def evaluate(ckpt: Path, manifest: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """`ctvq eval` on one held-out subset, then voxel-unit numbers; metrics.json is read even on failure."""
+    """`ctvq eval` on one held-out subset and its per-case rows; metrics.json is read even on failure."""
     cmd = ctvq("eval", "--ckpt", str(ckpt), "--data", str(manifest), "-o", str(out / "metrics.json"),
                "--device", args.device, "--points", str(args.points), "--no-figures", "--no-meshes",
                *args.eval_flags)
@@ -326,14 +326,14 @@ def evaluate(ckpt: Path, manifest: Path, out: Path, args: argparse.Namespace) ->
     if metrics_file.is_file():
         result["metrics"] = json.loads(metrics_file.read_text())
     if cases_file.is_file():
-        cases = voxel_metrics(pd.read_csv(cases_file), manifest)
+        cases = case_rows(pd.read_csv(cases_file), manifest)
         result["cases"] = cases
         result["summary"] = summarise(cases, result.get("metrics", {}))
     return result
 
 
-def voxel_metrics(table: pd.DataFrame, manifest: Path) -> list[dict[str, Any]]:
-    """Per case: eval's row (Chamfer in voxels, F-score at one voxel, collapsed) with the voxel edge."""
+def case_rows(table: pd.DataFrame, manifest: Path) -> list[dict[str, Any]]:
+    """Eval's rows (NaN as None, collapsed as bool) with each case's voxel edge in mm."""
     from ctvq.ct.sample import load_sample
     from ctvq.eval.metrics import voxel_edge_mm
 
