@@ -1,11 +1,13 @@
-"""bench/quality.py's repeats: every variant trained with seeds 0..N-1, and the spread over those runs."""
+"""bench/quality.py: repeats (every variant trained with seeds 0..N-1), the spread over those runs, and the
+per-case rows it takes from ctvq eval."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
-from data_helpers import bench_module
+from data_helpers import bench_module, write_cases, write_manifest
 
 
 def test_repeats_set_both_seeds_and_leave_a_single_run_alone():
@@ -32,3 +34,13 @@ def test_spread_is_the_mean_and_range_of_each_variant_and_subset_over_its_runs()
     assert a["codebook_usage"]["mean"] == pytest.approx(0.6)
     assert a["chamfer_l1_vox"] is None  # no run had it
     assert by_variant["b"]["runs"] == 1
+
+
+def test_case_rows_keep_evals_numbers_and_add_the_voxel_edge(tmp_path):
+    quality = bench_module("quality")
+    manifest = write_manifest(tmp_path / "manifest.csv", write_cases(tmp_path, [10.0]))
+    table = pd.DataFrame([{"case_id": "case0", "occupancy_iou": 0.0, "chamfer_l1_vox": float("nan"),
+                           "fscore_1vox": 0.0, "collapsed": 1}])
+    (row,) = quality.case_rows(table, manifest)
+    assert row["voxel_edge_mm"] == pytest.approx((0.7 * 0.7 * 2.0) ** (1 / 3))  # the sample's affine
+    assert row["chamfer_l1_vox"] is None and row["collapsed"] is True and row["fscore_1vox"] == 0.0
