@@ -326,23 +326,17 @@ def evaluate(ckpt: Path, manifest: Path, out: Path, args: argparse.Namespace) ->
     if metrics_file.is_file():
         result["metrics"] = json.loads(metrics_file.read_text())
     if cases_file.is_file():
-        cases = case_rows(pd.read_csv(cases_file), manifest)
+        cases = case_rows(pd.read_csv(cases_file))
         result["cases"] = cases
         result["summary"] = summarise(cases, result.get("metrics", {}))
     return result
 
 
-def case_rows(table: pd.DataFrame, manifest: Path) -> list[dict[str, Any]]:
-    """Eval's rows (NaN as None, collapsed as bool) with each case's voxel edge in mm."""
-    from ctvq.ct.sample import load_sample
-    from ctvq.eval.metrics import voxel_edge_mm
-
-    samples = pd.read_csv(manifest, dtype={"case_id": str})
-    where = {r.case_id: manifest.parent / r.sample_path for r in samples.itertuples()}
+def case_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Eval's rows, NaN as None and collapsed as bool (each case's voxel edge is in the data section)."""
     out = []
     for row in table.to_dict("records"):
         row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-        row["voxel_edge_mm"] = voxel_edge_mm(load_sample(where[str(row["case_id"])]).affine)
         row["collapsed"] = bool(row["collapsed"])  # ctvq eval's verdict (ctvq.eval.surfaces.collapse_reason)
         out.append(row)
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from data_helpers import bench_module, write_cases, write_manifest
+from data_helpers import bench_module
 
 
 def test_repeats_set_both_seeds_and_leave_a_single_run_alone():
@@ -36,11 +36,9 @@ def test_spread_is_the_mean_and_range_of_each_variant_and_subset_over_its_runs()
     assert by_variant["b"]["runs"] == 1
 
 
-def test_case_rows_keep_evals_numbers_and_add_the_voxel_edge(tmp_path):
+def test_case_rows_keep_evals_numbers_with_nan_as_none_and_collapsed_as_bool():
     quality = bench_module("quality")
-    manifest = write_manifest(tmp_path / "manifest.csv", write_cases(tmp_path, [10.0]))
     table = pd.DataFrame([{"case_id": "case0", "occupancy_iou": 0.0, "chamfer_l1_vox": float("nan"),
                            "fscore_1vox": 0.0, "collapsed": 1}])
-    (row,) = quality.case_rows(table, manifest)
-    assert row["voxel_edge_mm"] == pytest.approx((0.7 * 0.7 * 2.0) ** (1 / 3))  # the sample's affine
+    (row,) = quality.case_rows(table)
     assert row["chamfer_l1_vox"] is None and row["collapsed"] is True and row["fscore_1vox"] == 0.0
