@@ -13,6 +13,7 @@ from ctvq.sparse import (
     SparseSiLU,
     SparseTensor,
 )
+from ctvq.sparse.norm import group_norm_per_sample
 
 
 def _uneven_batch(channels: int, dtype: torch.dtype = torch.float32) -> SparseTensor:
@@ -91,3 +92,28 @@ def test_per_voxel_wrappers_keep_coords_and_cache() -> None:
     assert list(linear.state_dict()) == ["weight", "bias"]
     torch.testing.assert_close(SparseSiLU()(x).feats, F.silu(x.feats))
     torch.testing.assert_close(SparseGELU(approximate="tanh")(x).feats, F.gelu(x.feats, approximate="tanh"))
+
+
+def test_group_norm_gradient_is_bit_identical_across_repeats_with_two_threads() -> None:
+    """The per-sample statistics are broadcast back with index_select: the backward of ``mean[b]`` accumulated
+    with atomics on CPU, so when the two threads' halves of the rows met inside one sample (unequal sample
+    sizes) the gradient changed from run to run, and so did every training run at 2 threads."""
+    g = torch.Generator().manual_seed(0)
+    n = 60_000
+    feats = torch.randn(n, 8, generator=g)
+    batch = (torch.arange(n) >= n // 3).long()  # samples of 20k and 40k rows: the halves meet in sample 1
+    upstream = torch.randn(n, 8, generator=g)
+
+    def grad() -> torch.Tensor:
+        x = feats.clone().requires_grad_()
+        (group_norm_per_sample(x, batch, 2, 8, None, None, 1e-5) * upstream).sum().backward()
+        assert x.grad is not None
+        return x.grad
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = grad()
+        assert all(torch.equal(first, grad()) for _ in range(5))
+    finally:
+        torch.set_num_threads(threads)

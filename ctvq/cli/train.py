@@ -69,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive, default=None,
                         help="torch CPU threads (torch.set_num_threads)")
     parser.add_argument("--deterministic", action="store_true",
-                        help="torch.use_deterministic_algorithms(True): bit-reproducible CPU runs "
-                             "(with --threads)")
+                        help="torch.use_deterministic_algorithms(True), for CUDA runs (an op without a "
+                             "deterministic kernel then fails). CPU runs repeat bit for bit at the same "
+                             "--threads without it")
     parser.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
 
 

@@ -34,10 +34,12 @@ def group_norm_per_sample(
     count = torch.bincount(b, minlength=batch_size).clamp_(min=1).to(x.dtype) * (c // num_groups)
     sums = x.new_zeros(batch_size, num_groups).index_add(0, b, x.sum(dim=2))
     mean = sums / count.unsqueeze(1)
-    centred = x - mean[b].unsqueeze(2)
+    # index_select, not mean[b]: the backward of advanced indexing accumulates with atomics on CPU (its sum
+    # order, hence the gradient, changed from run to run at 2 threads); index_select's is an ordered index_add
+    centred = x - mean.index_select(0, b).unsqueeze(2)
     sq = x.new_zeros(batch_size, num_groups).index_add(0, b, centred.square().sum(dim=2))
     inv_std = torch.rsqrt(sq / count.unsqueeze(1) + eps)
-    out = (centred * inv_std[b].unsqueeze(2)).reshape(n, c)
+    out = (centred * inv_std.index_select(0, b).unsqueeze(2)).reshape(n, c)
     if weight is not None:
         out = out * weight.to(out.dtype)
     if bias is not None:
