@@ -354,6 +354,19 @@ def summarise(cases: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str,
     return out
 
 
+CURVE_CASE_KEYS = ("case_id", "occupancy_iou", "chamfer_l1_vox", "fscore_1vox", "sdf_mae_vox", "collapsed")
+
+
+def curve_point(step: int, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One curve point: each subset's summary under its name, and under ``cases`` each subset's per-case
+    numbers, so that two runs' curves can be compared case by case, not only as subset means."""
+    point: dict[str, Any] = {"step": step, "cases": {}}
+    for subset, result in results.items():
+        point[subset] = result.get("summary", {"error_tail": result.get("error_tail")})
+        point["cases"][subset] = [{k: c.get(k) for k in CURVE_CASE_KEYS} for c in result.get("cases", [])]
+    return point
+
+
 def curve(run: Path, manifests: dict[str, Path], final: dict[str, Any], steps: int,
           args: argparse.Namespace) -> list[dict[str, Any]]:
     """Held-out metrics of every intermediate stage-2 checkpoint (``vqvae_step*.pt``); the last point is the
@@ -363,12 +376,10 @@ def curve(run: Path, manifests: dict[str, Path], final: dict[str, Any], steps: i
         step = int(ckpt.stem.rsplit("step", 1)[1])
         if step >= steps:
             continue
-        entry: dict[str, Any] = {"step": step}
-        for subset, manifest in manifests.items():
-            result = evaluate(ckpt, manifest, run / "curve" / f"step{step:07d}" / subset, args)
-            entry[subset] = result.get("summary", {"error_tail": result.get("error_tail")})
-        points.append(entry)
-    points.append({"step": steps, **{k: v.get("summary", {}) for k, v in final.items()}})
+        points.append(curve_point(step, {
+            subset: evaluate(ckpt, manifest, run / "curve" / f"step{step:07d}" / subset, args)
+            for subset, manifest in manifests.items()}))
+    points.append(curve_point(steps, final))
     return points
 
 

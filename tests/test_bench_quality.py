@@ -1,5 +1,5 @@
-"""bench/quality.py: repeats (every variant trained with seeds 0..N-1), the spread over those runs, and the
-per-case rows it takes from ctvq eval."""
+"""bench/quality.py: repeats (every variant trained with seeds 0..N-1), the spread over those runs, the
+per-case rows it takes from ctvq eval and keeps at every curve point."""
 
 from __future__ import annotations
 
@@ -42,3 +42,20 @@ def test_case_rows_keep_evals_numbers_with_nan_as_none_and_collapsed_as_bool():
                            "fscore_1vox": 0.0, "collapsed": 1}])
     (row,) = quality.case_rows(table)
     assert row["chamfer_l1_vox"] is None and row["collapsed"] is True and row["fscore_1vox"] == 0.0
+
+
+def test_curve_points_keep_each_cases_numbers_next_to_the_subset_summary():
+    quality = bench_module("quality")
+    cases = quality.case_rows(pd.DataFrame([
+        {"case_id": "p100", "occupancy_iou": 0.7, "chamfer_l1_vox": 0.5, "fscore_1vox": 0.8,
+         "sdf_mae_vox": 0.4, "chamfer_l1_mm": 1.0, "collapsed": 0},
+        {"case_id": "p101", "occupancy_iou": 0.9, "chamfer_l1_vox": 0.3, "fscore_1vox": 0.9,
+         "sdf_mae_vox": 0.3, "chamfer_l1_mm": 0.6, "collapsed": 0}]))
+    summary = quality.summarise(cases, {"val/codebook_usage": 0.6})
+    point = quality.curve_point(300, {"phantom": {"cases": cases, "summary": summary},
+                                      "real": {"returncode": 1, "error_tail": "boom"}})
+    assert point["step"] == 300 and point["phantom"]["occupancy_iou"] == pytest.approx(0.8)
+    assert [c["case_id"] for c in point["cases"]["phantom"]] == ["p100", "p101"]
+    assert point["cases"]["phantom"][1] == {"case_id": "p101", "occupancy_iou": 0.9, "chamfer_l1_vox": 0.3,
+                                            "fscore_1vox": 0.9, "sdf_mae_vox": 0.3, "collapsed": False}
+    assert point["real"] == {"error_tail": "boom"} and point["cases"]["real"] == []
