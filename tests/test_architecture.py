@@ -26,7 +26,7 @@ def _module_name(path: Path) -> str:
 
 def _imports(path: Path) -> set[str]:
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -54,7 +54,8 @@ def test_no_library_module_imports_the_command_line() -> None:
 
 def test_argparse_lives_in_the_cli_package_only() -> None:
     """Every command's arguments are declared under ``ctvq/cli/``; the library exposes functions."""
-    users = sorted(_module_name(p) for p in PACKAGE.rglob("*.py") if "import argparse" in p.read_text())
+    users = sorted(_module_name(p) for p in PACKAGE.rglob("*.py")
+                   if "import argparse" in p.read_text(encoding="utf-8"))
     assert users and all(_is_cli(m) for m in users), users
 
 
@@ -82,7 +83,7 @@ def test_the_workflow_schema_lists_no_window_names_of_its_own() -> None:
     """The workflow checks window names against ctvq's registry; a second list in its schema would drift."""
     from ctvq.ct.windows import WINDOWS
 
-    text = (PACKAGE.parent / "workflow" / "schemas" / "pipeline.schema.yaml").read_text()
+    text = (PACKAGE.parent / "workflow" / "schemas" / "pipeline.schema.yaml").read_text(encoding="utf-8")
     schema = yaml.safe_load(text)
     enums = []
 
