@@ -285,7 +285,7 @@ def layout_problems(state: Mapping[str, torch.Tensor], inferred: Mapping[str, An
 
 def _config_args(path: Path) -> dict[str, Any]:
     """The model arguments of a ctvq config file: ``models.vqvae.args``."""
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     try:
         args = data["models"]["vqvae"]["args"]
     except (KeyError, TypeError) as exc:

@@ -51,7 +51,7 @@ class RunLock:
                     continue
                 self._take_over_or_refuse(holder)
                 continue
-            with os.fdopen(fd, "w") as fh:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(self._mine, fh)
             return self
         raise RunLockError(f"{self.path}: could not take the run lock (it keeps changing hands); is another "
@@ -65,7 +65,7 @@ class RunLock:
 
     def _holder(self) -> dict | None:
         try:
-            holder = json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
             return holder if isinstance(holder, dict) else {}
         except FileNotFoundError:
             return None

@@ -87,7 +87,7 @@ def check_same_run(output_dir: Path, resolved: dict[str, Any]) -> None:
     if not path.is_file():
         return
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc}); it records this folder's run") from exc
     changes = config_changes(old, resolved)
@@ -126,7 +126,7 @@ def check_same_data(output_dir: Path, fingerprint: dict[str, Any], allow_change:
     if not path.is_file():
         return None
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text(encoding="utf-8"))
         old_cases: dict[str, Any] = old["cases"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable ({exc}); it records the data this run trained on") from exc
@@ -167,9 +167,10 @@ def write_run_files(output_dir: Path, resolved: dict[str, Any], argv: list[str] 
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / CONFIG_NAME, json.dumps(resolved, indent=2) + "\n")
     argv = sys.argv if argv is None else argv
-    previous = (output_dir / COMMAND_NAME).read_text() if (output_dir / COMMAND_NAME).is_file() else ""
+    command_file = output_dir / COMMAND_NAME
+    previous = command_file.read_text(encoding="utf-8") if command_file.is_file() else ""
     line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}  git {git_revision()}  {shlex.join(argv)}\n"
-    atomic_write_text(output_dir / COMMAND_NAME, previous + line)
+    atomic_write_text(command_file, previous + line)
 
 
 __all__ = [
