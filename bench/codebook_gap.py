@@ -54,8 +54,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/codebook_gap.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.ckpt)
-    loaded.model.eval()
+    loaded = load_model(args.ckpt)  # in eval mode
     wanted = set(args.cases.split(",")) if args.cases else None
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()

@@ -30,16 +30,21 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
+def _open_csv(path: Path, mode: str = "r") -> TextIO:
+    """metrics.csv as the csv module wants it (no newline translation), UTF-8 whatever the process locale."""
+    return open(path, mode, newline="", encoding="utf-8")
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the header and the rows with step <= ``last_step``."""
     if not path.is_file():
         return
-    with open(path, newline="", encoding="utf-8") as fh:
+    with _open_csv(path) as fh:
         rows = list(csv.reader(fh))
     if not rows:
         return
     kept = [rows[0], *(r for r in rows[1:] if r and int(r[0]) <= last_step)]
-    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_output(path) as tmp, _open_csv(tmp, "w") as fh:
         csv.writer(fh).writerows(kept)
 
 
@@ -77,7 +82,7 @@ class RunLog:
         output_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(self.metrics_path, start_step)
         if self.metrics_path.is_file():
-            with open(self.metrics_path, newline="", encoding="utf-8") as fh:
+            with _open_csv(self.metrics_path) as fh:
                 header = next(csv.reader(fh), None)
             self._columns = header or None
         if tensorboard:
@@ -104,12 +109,12 @@ class RunLog:
             return
         if self._columns is None:
             self._columns = ["step", *sorted(values)]
-            with open(self.metrics_path, "w", newline="", encoding="utf-8") as fh:
+            with _open_csv(self.metrics_path, "w") as fh:
                 csv.writer(fh).writerow(self._columns)
         extra = sorted(set(values) - set(self._columns))
         if extra:
             self._add_columns(extra)
-        with open(self.metrics_path, "a", newline="", encoding="utf-8") as fh:
+        with _open_csv(self.metrics_path, "a") as fh:
             csv.writer(fh).writerow([step, *(values.get(c, "") for c in self._columns[1:])])
         if self._writer is not None:
             for key, value in values.items():
@@ -118,10 +123,10 @@ class RunLog:
     def _add_columns(self, names: list[str]) -> None:
         """Widen metrics.csv for metrics that first appear mid-run (the collapse guard's, at ``i_sample``
         steps) or on resuming a run logged before they existed: earlier rows get empty cells."""
-        with open(self.metrics_path, newline="", encoding="utf-8") as fh:
+        with _open_csv(self.metrics_path) as fh:
             rows = list(csv.reader(fh))[1:]
         self._columns = [*(self._columns or ["step"]), *names]
-        with atomic_output(self.metrics_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        with atomic_output(self.metrics_path) as tmp, _open_csv(tmp, "w") as fh:
             csv.writer(fh).writerows([self._columns, *(r + [""] * len(names) for r in rows)])
 
     def warning(self, step: int, message: str) -> None:
