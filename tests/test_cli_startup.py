@@ -30,7 +30,7 @@ print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
 
 def _python(*args: str) -> str:
     """The last stdout line of a fresh ``python <args>`` run from the repository root."""
-    # utf-8 explicitly: an ITK call earlier in the same pytest process can leave the C locale behind
+    # utf-8 explicitly: a DICOM write (GDCM) earlier in the same pytest process can leave the C locale behind
     done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, encoding="utf-8",
                           timeout=120, check=True)
     return done.stdout.strip().splitlines()[-1]

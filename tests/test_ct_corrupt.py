@@ -7,6 +7,7 @@ Every file is real: written by SimpleITK (or the repository's DICOM writer) and 
 from __future__ import annotations
 
 import gzip
+import locale
 import re
 import shutil
 import struct
@@ -222,11 +223,13 @@ def test_dicom_folder_with_two_interleaved_volumes_under_one_series_uid_is_refus
     second = _series(CTImage(ct.hu + 20, ct.spacing, ct.origin, ct.direction, "phase 2"), tmp_path / "second")
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the C locale behind (ctvq.ct.io)
     for path in sorted(second.iterdir()):  # same series UID, own instance UIDs, as a scanner writes them
         image = sitk.ReadImage(str(path))
         image.SetMetaData("0008|0018", image.GetMetaData("0008|0018") + ".2")
         writer.SetFileName(str(folder / f"phase2_{path.name}"))
         writer.Execute(image)
+    locale.setlocale(locale.LC_ALL, saved_locale)
     shutil.rmtree(second)
     assert len(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))) == 1
     with pytest.raises(CTInputError, match=r"12 pair\(s\) of slices share a position .* share series UID"):

@@ -1,3 +1,4 @@
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,14 @@ def test_dicom_series_round_trip_keeps_hu_and_geometry(small_ct: CTImage, tmp_pa
     write_dicom_series(small_ct, folder)
     assert len(list(folder.iterdir())) == small_ct.shape[2]
     _assert_same_scan(small_ct, read_ct(folder))
+
+
+def test_writing_a_dicom_series_keeps_the_process_locale(small_ct: CTImage, tmp_path: Path) -> None:
+    """GDCM's writer leaves the C locale behind (ASCII default encoding) unless ctvq restores it."""
+    before = locale.setlocale(locale.LC_ALL)
+    write_dicom_series(small_ct, tmp_path / "series")
+    read_ct(tmp_path / "series")
+    assert locale.setlocale(locale.LC_ALL) == before
 
 
 def test_array_axes_are_x_y_z(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""The run's text files are UTF-8 whatever the process locale: a library call (ITK has been seen to) can leave
-the C locale behind mid-run, where the default encoding is ASCII and "mm³" in a log line would crash."""
+"""The run's text files are UTF-8 whatever the process locale: a library call can leave the C locale behind
+mid-run (GDCM's DICOM writer does; ctvq.ct.io restores it after its own writes), where the default encoding is
+ASCII and "mm³" in a log line would crash."""
 
 from __future__ import annotations
 

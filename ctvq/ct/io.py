@@ -16,6 +16,7 @@ stderr are captured and turned into one line.
 from __future__ import annotations
 
 import gzip
+import locale
 import math
 import os
 import sys
@@ -435,10 +436,23 @@ def write_ct(ct: CTImage, path: str | os.PathLike) -> None:
                 raise incomplete_write_error(path) from exc
 
 
+@contextmanager
+def _locale_kept() -> Iterator[None]:
+    """Restore the process locale after an ITK call: writing a DICOM slice (GDCM) leaves the process in the C
+    locale, where Python's default text encoding is ASCII for the rest of the run (a later "mm³" in a log
+    line would raise UnicodeEncodeError)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def _itk_write(target: Path, call: Callable[[], None]) -> None:
-    """Run a SimpleITK writer with its C++ diagnostics captured; a failure (ITK reports a full disk or an
-    unwritable folder as a RuntimeError, not an OSError) becomes one FileSystemError naming ``target``."""
-    with _native_stderr_captured() as native:
+    """Run a SimpleITK writer with its C++ diagnostics captured and the locale kept; a failure (ITK reports a
+    full disk or an unwritable folder as a RuntimeError, not an OSError) becomes one FileSystemError naming
+    ``target``."""
+    with _locale_kept(), _native_stderr_captured() as native:
         try:
             return call()
         except RuntimeError as exc:
