@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from ctvq.ct.errors import CTInputError
-from ctvq.ct.io import CTImage, check_hu, read_ct, write_ct, write_dicom_series
+from ctvq.ct.io import CTImage, check_hu, read_ct, to_sitk, write_ct, write_dicom_series
 
 
 def _assert_same_scan(a: CTImage, b: CTImage) -> None:
@@ -39,6 +39,14 @@ def test_writing_a_dicom_series_keeps_the_process_locale(small_ct: CTImage, tmp_
     before = locale.setlocale(locale.LC_ALL)
     write_dicom_series(small_ct, tmp_path / "series")
     read_ct(tmp_path / "series")
+    assert locale.setlocale(locale.LC_ALL) == before
+
+
+def test_reading_a_vtk_file_keeps_the_process_locale(small_ct: CTImage, tmp_path: Path) -> None:
+    """ITK's VTK reader leaves the C locale behind too; every ITK call of ctvq.ct.io restores it."""
+    sitk.WriteImage(to_sitk(small_ct), str(tmp_path / "scan.vtk"))  # ctvq writes no VTK, but reads it
+    before = locale.setlocale(locale.LC_ALL)
+    _assert_same_scan(small_ct, read_ct(tmp_path / "scan.vtk"))
     assert locale.setlocale(locale.LC_ALL) == before
 
 

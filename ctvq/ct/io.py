@@ -161,13 +161,26 @@ def check_hu(hu: np.ndarray, source: str) -> None:
 
 
 @contextmanager
-def _native_stderr_captured() -> Iterator[list[str]]:
-    """Route file descriptor 2 to a temporary file while ITK runs: its readers print diagnostics straight
-    to C++ ``std::cerr``, which would break the one-line error contract. Yields the captured lines."""
+def _locale_kept() -> Iterator[None]:
+    """Set the process locale back to what it was on entry."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+@contextmanager
+def _itk_contained() -> Iterator[list[str]]:
+    """Contain what an ITK call does to the process. File descriptor 2 goes to a temporary file while ITK
+    runs: its readers print diagnostics straight to C++ ``std::cerr``, which would break the one-line error
+    contract (yields the captured lines). The locale is restored afterwards: writing a DICOM slice (GDCM) or
+    reading a VTK file leaves the process in the C locale, where Python's default text encoding is ASCII for
+    the rest of the run (a later "mm³" in a log line would raise UnicodeEncodeError)."""
     lines: list[str] = []
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as sink:
+    with _locale_kept(), tempfile.TemporaryFile(mode="w+b") as sink:
         os.dup2(sink.fileno(), 2)
         try:
             yield lines
@@ -194,7 +207,7 @@ def _read_file(path: Path) -> sitk.Image:
 
 def _itk_call(path: Path, call: Callable[[], _T]) -> _T:
     """Run a SimpleITK reader step with its C++ diagnostics captured; a failure becomes one CTInputError."""
-    with _native_stderr_captured() as native:
+    with _itk_contained() as native:
         try:
             return call()
         except RuntimeError as exc:
@@ -331,7 +344,7 @@ def dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
     """The DICOM series among ``folder``'s own files (not its sub-folders): series UID -> slice files, as
     GDCM groups them; empty when none is an image slice."""
     reader = sitk.ImageSeriesReader()
-    with _native_stderr_captured():
+    with _itk_contained():
         uids = reader.GetGDCMSeriesIDs(str(folder))
         return {uid: list(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
 
@@ -340,7 +353,7 @@ def _read_dicom_series(path: Path, series_uid: str | None = None) -> sitk.Image:
     if not any(path.iterdir()):
         raise CTInputError(f"{path}: folder is empty (expected a DICOM series)")
     reader = sitk.ImageSeriesReader()
-    with _native_stderr_captured():
+    with _itk_contained():
         series = reader.GetGDCMSeriesIDs(str(path))
     if not series:
         raise CTInputError(f"{path}: folder holds no DICOM series (one in a sub-folder: give that folder; "
@@ -353,12 +366,12 @@ def _read_dicom_series(path: Path, series_uid: str | None = None) -> sitk.Image:
     if len(series) > 1:
         raise CTInputError(f"{path}: folder holds {len(series)} DICOM series ({', '.join(series[:3])}...); "
                            "give a folder with exactly one, or pick one with --series UID")
-    with _native_stderr_captured():
+    with _itk_contained():
         files = reader.GetGDCMSeriesFileNames(str(path), series[0])
     reader.SetFileNames(files)
     reader.SetOutputPixelType(sitk.sitkFloat32)
     reader.MetaDataDictionaryArrayUpdateOn()
-    with _native_stderr_captured() as native:  # ITK's "non uniform sampling" warning: checked below instead
+    with _itk_contained() as native:  # ITK's "non uniform sampling" warning: checked below instead
         try:
             image = reader.Execute()
         except RuntimeError as exc:
@@ -436,23 +449,10 @@ def write_ct(ct: CTImage, path: str | os.PathLike) -> None:
                 raise incomplete_write_error(path) from exc
 
 
-@contextmanager
-def _locale_kept() -> Iterator[None]:
-    """Restore the process locale after an ITK call: writing a DICOM slice (GDCM) leaves the process in the C
-    locale, where Python's default text encoding is ASCII for the rest of the run (a later "mm³" in a log
-    line would raise UnicodeEncodeError)."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
 def _itk_write(target: Path, call: Callable[[], None]) -> None:
-    """Run a SimpleITK writer with its C++ diagnostics captured and the locale kept; a failure (ITK reports a
-    full disk or an unwritable folder as a RuntimeError, not an OSError) becomes one FileSystemError naming
-    ``target``."""
-    with _locale_kept(), _native_stderr_captured() as native:
+    """Run a SimpleITK writer contained (``_itk_contained``); a failure (ITK reports a full disk or an
+    unwritable folder as a RuntimeError, not an OSError) becomes one FileSystemError naming ``target``."""
+    with _itk_contained() as native:
         try:
             return call()
         except RuntimeError as exc:
