@@ -7,7 +7,6 @@ Every file is real: written by SimpleITK (or the repository's DICOM writer) and 
 from __future__ import annotations
 
 import gzip
-import locale
 import re
 import shutil
 import struct
@@ -21,7 +20,7 @@ import SimpleITK as sitk
 
 from ctvq.cli import main
 from ctvq.ct.errors import CTInputError, CTInputWarning
-from ctvq.ct.io import CTImage, check_slice_positions, read_ct, to_sitk, write_dicom_series
+from ctvq.ct.io import CTImage, _locale_kept, check_slice_positions, read_ct, to_sitk, write_dicom_series
 from ctvq.ct.phantom import chest_phantom
 
 FORMATS = ["scan.nii.gz", "scan.nii", "scan.mha", "scan.nrrd", "scan.mhd"]
@@ -223,13 +222,12 @@ def test_dicom_folder_with_two_interleaved_volumes_under_one_series_uid_is_refus
     second = _series(CTImage(ct.hu + 20, ct.spacing, ct.origin, ct.direction, "phase 2"), tmp_path / "second")
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the C locale behind (ctvq.ct.io)
-    for path in sorted(second.iterdir()):  # same series UID, own instance UIDs, as a scanner writes them
-        image = sitk.ReadImage(str(path))
-        image.SetMetaData("0008|0018", image.GetMetaData("0008|0018") + ".2")
-        writer.SetFileName(str(folder / f"phase2_{path.name}"))
-        writer.Execute(image)
-    locale.setlocale(locale.LC_ALL, saved_locale)
+    with _locale_kept():  # GDCM's writer leaves the C locale behind (see ctvq.ct.io._itk_contained)
+        for path in sorted(second.iterdir()):  # same series UID, own instance UIDs, as a scanner writes them
+            image = sitk.ReadImage(str(path))
+            image.SetMetaData("0008|0018", image.GetMetaData("0008|0018") + ".2")
+            writer.SetFileName(str(folder / f"phase2_{path.name}"))
+            writer.Execute(image)
     shutil.rmtree(second)
     assert len(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))) == 1
     with pytest.raises(CTInputError, match=r"12 pair\(s\) of slices share a position .* share series UID"):
