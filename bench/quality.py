@@ -321,6 +321,8 @@ def evaluate(ckpt: Path, manifest: Path, out: Path, args: argparse.Namespace) ->
     cmd = ctvq("eval", "--ckpt", str(ckpt), "--data", str(manifest), "-o", str(out / "metrics.json"),
                "--device", args.device, "--points", str(args.points), "--no-figures", "--no-meshes",
                *args.eval_flags)
+    if args.eval_chunk_size:
+        cmd += ["--chunk-size", str(args.eval_chunk_size)]
     result = run_logged(cmd, out / "eval.log", args.threads)
     metrics_file, cases_file = out / "metrics.json", out / "cases.csv"
     if metrics_file.is_file():
@@ -563,6 +565,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-only", action="store_true",
                    help="preprocess and print the decoder targets' inside/band shares; no training")
     p.add_argument("--points", type=int, default=100_000, help="surface points per mesh (eval's default)")
+    p.add_argument("--eval-chunk-size", type=int, metavar="N",
+                   help="ctvq eval --chunk-size N: decode in N^3 chunks (same output, less memory)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--work", type=Path, default=ROOT / ".cache/quality")

@@ -100,6 +100,23 @@ def test_a_manifest_at_another_resolution_is_refused(manifest: Path, capsys):
         capsys.readouterr().err
 
 
+def test_resolution_plans_a_config_at_the_manifests_resolution(manifest: Path, tmp_path: Path, capsys):
+    """--resolution 64 plans the 512 config on the 64 manifest, as `ctvq train --resolution 64` would train
+    it: the same prediction as the config edited by hand to 64 (and its latent grid to 8)."""
+    stage2 = ROOT / "configs" / "vqvae" / "stage2.json"  # trains at 512
+    out = tmp_path / "requests.json"
+    assert main(["plan", "--config", str(stage2), "--data", str(manifest), "--resolution", "64",
+                 "--requests-out", str(out)]) == 0
+    edited = json.loads(stage2.read_text())
+    edited["dataset"]["args"]["resolution"], edited["models"]["vqvae"]["args"]["resolution"] = 64, 8
+    by_hand = tmp_path / "stage2_64.json"
+    by_hand.write_text(json.dumps(edited))
+    expected = plan.predict_training_peak(load_config(by_hand), plan.case_sizes(manifest)).peak_mb
+    assert json.loads(out.read_text())["train_peak_mb"] == round(expected)
+    assert main(["plan", "--config", str(stage2), "--data", str(manifest), "--resolution", "100"]) == 2
+    assert "dataset.args.resolution" in capsys.readouterr().err  # 100 is not a multiple of 8
+
+
 def test_an_eval_case_is_sized_by_its_largest_chunk_with_halo_and_its_box():
     import numpy as np
 

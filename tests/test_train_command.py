@@ -53,6 +53,24 @@ def test_missing_stage1_checkpoint_fails_naming_the_key(tmp_path, data, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_resolution_flag_trains_a_config_at_the_samples_resolution(tmp_path, data, capsys):
+    """The workflow trains one config at each window's resolution: --resolution sets the dataset's cube side
+    and the model's latent grid (1/8 of it) together, recorded in the run's config.json."""
+    cfg = config_dict(max_steps=1, i_print=1, i_log=1, i_sample=10, i_save=10, disable_snapshot=True)
+    cfg["dataset"]["args"]["resolution"], cfg["models"]["vqvae"]["args"]["resolution"] = 128, 16
+    config = tmp_path / "at128.json"
+    config.write_text(json.dumps(cfg))
+    assert main(_args(config, data, tmp_path / "refused")) == 2  # 64³ samples, a 128³ config
+    assert "resolution" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(_args(config, data, out, "--resolution", "64", "--threads", "1")) == 0
+    ran = json.loads((out / "config.json").read_text())
+    assert ran["dataset"]["args"]["resolution"] == 64 and ran["models"]["vqvae"]["args"]["resolution"] == 8
+    assert main(_args(config, data, tmp_path / "bad", "--resolution", "100")) == 2
+    assert "dataset.args.resolution: 100 is not a multiple of 8" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow
 def test_stage2_run_writes_its_folder_and_reduces_the_loss(tmp_path, data, capsys):
     ckpt = tmp_path / "s1.pt"

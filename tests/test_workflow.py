@@ -78,6 +78,42 @@ def test_band_per_window_reaches_sdf_and_training(tmp_path: Path) -> None:
     assert re.search(rf"train .*--window bone --band {default_band('bone')} ", said)
 
 
+def test_resolution_per_window_reaches_preprocessing_planning_and_training(tmp_path: Path) -> None:
+    configs = ROOT / "configs" / "vqvae"
+    both = {"windows": ["lung", "bone"], "stage1_config": str(configs / "tiny_stage1.json"),
+            "stage2_config": str(configs / "tiny_stage2.json")}
+    two = {"inputs": {"phantoms": 1}, "windows": ["lung", "bone"], "train": both}
+    write_config(tmp_path, **two, resolution={"lung": 64, "bone": 128})
+    run = snakemake(tmp_path, "-n", "-p", "--cores", "1")
+    said = run.stdout + run.stderr
+    assert run.returncode == 0, said
+    for window, side in (("lung", 64), ("bone", 128)):
+        assert re.search(rf"--window {window} --resolution {side} ", said), said
+    assert re.search(r"plan --config \S+ --data results/manifests/bone\.csv --resolution 128", said), said
+    assert re.search(r"train --config \S+tiny_stage2\.json .*--window bone --band \S+ --resolution 128 ",
+                     said)
+    assert re.search(r"train --config \S+tiny_stage1\.json .*--window lung --band \S+ --resolution 64 ", said)
+    refusals = {  # setting -> what the message names
+        "a window without one": ({"resolution": {"lung": 64}},
+                                 "resolution: no resolution for 'bone'; give every window of `windows` one"),
+        "an unknown window": ({"resolution": {"lung": 64, "bone": 64, "lungs": 64}},
+                              "resolution: 'lungs' is not a ctvq window"),
+        "a side off the grid": ({"resolution": {"lung": 64, "bone": 100}}, "resolution"),
+    }
+    chunked = json.loads((configs / "tiny_stage2.json").read_text())
+    chunked["models"]["vqvae"]["args"]["chunk_size"] = 2  # divides 64/8, not 72/8
+    (tmp_path / "chunked.json").write_text(json.dumps(chunked))
+    refusals["a config invalid at a window's resolution"] = (
+        {"resolution": {"lung": 64, "bone": 72},
+         "train": {**both, "stage2_config": str(tmp_path / "chunked.json")}},
+        "train.stage2_config at the bone window's resolution 72: ")
+    for case, (settings, message) in refusals.items():
+        write_config(tmp_path, **{**two, **settings})
+        run = snakemake(tmp_path, "-n", "--cores", "1")
+        said = run.stdout + run.stderr
+        assert run.returncode != 0 and message in said, (case, said[-2000:])
+
+
 def test_job_memory_comes_from_ctvq_plan_unless_mem_mb_is_given(tmp_path: Path) -> None:
     write_config(tmp_path)  # train.mem_mb and evaluate.mem_mb: null, the defaults
     said = snakemake(tmp_path, "-n", "--cores", "1").stdout
@@ -103,7 +139,7 @@ def test_job_memory_comes_from_ctvq_plan_unless_mem_mb_is_given(tmp_path: Path) 
     said = snakemake(tmp_path, "-n", "-p", "--cores", "1", "--forceall").stdout
     assert re.search(r"plan --config \S+tiny_stage2\.json .*--eval-chunk-size 2 --requests-out", said), said
     assert re.search(r"ctvq eval .*--allow-collapse --chunk-size 2 ", said), said
-    assert "tiny_stage1.json --data results/manifests/lung.csv --requests-out" in said, said
+    assert "tiny_stage1.json --data results/manifests/lung.csv --resolution 64 --requests-out" in said, said
 
 
 def test_workflow_messages_name_the_configfile_given(tmp_path: Path) -> None:
@@ -173,13 +209,7 @@ def test_full_run_trains_evaluates_and_a_second_run_does_nothing(tmp_path: Path)
     assert counts["sdf"] == counts["window"] == 2 and counts["train_stage1"] == 1, counts
     assert "phantom" not in counts, counts
     assert not list((tmp_path / "results").glob("windowed/*/*.npz"))  # gone after the run above
-    at_72 = {}  # another resolution needs training configs that agree (the workflow checks it)
-    for stage in (1, 2):
-        cfg = json.loads(Path(ran["train"][f"stage{stage}_config"]).read_text())
-        cfg["dataset"]["args"]["resolution"], cfg["models"]["vqvae"]["args"]["resolution"] = 72, 9
-        at_72[f"stage{stage}_config"] = str(tmp_path / f"stage{stage}_72.json")
-        Path(at_72[f"stage{stage}_config"]).write_text(json.dumps(cfg))
-    write_config(tmp_path, resolution=72, train={**ran["train"], **at_72})
+    write_config(tmp_path, resolution=72)  # the same training configs, run at 72 (ctvq train --resolution)
     counts = job_counts(snakemake(tmp_path, "-n", "--cores", "2").stdout)
     assert counts["window"] == counts["index"] == 2 and counts["evaluate"] == 1 and "phantom" not in counts
     write_config(tmp_path, windows=["lung", "bone"])  # a window more: its chain and manifest only

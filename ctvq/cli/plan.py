@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ctvq.config import ConfigError, load_config
+from ctvq.config import ConfigError, load_config, resolution_overrides
 
 _UNITS = {"": 2**20, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -40,6 +40,8 @@ def configure_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="the training config (JSON)")
     p.add_argument("--data", type=Path, required=True,
                    help="the manifest CSV training will read (its train split's largest cases count)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="plan the config at this data resolution, as `ctvq train --resolution` trains it")
     p.add_argument("--memory", type=memory_mb, default=None,
                    help="the memory one training process may use, e.g. 24GiB (default: this machine's RAM)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -60,7 +62,8 @@ def run_plan(a: argparse.Namespace) -> int:
     from ctvq.atomic import atomic_write_text
     from ctvq.train import plan
 
-    cfg = load_config(a.config)
+    base = resolution_overrides(a.resolution) if a.resolution is not None else {}
+    cfg = load_config(a.config, overrides=base or None)
     eval_chunk = cfg.model.chunk_size if a.eval_chunk_size is None else a.eval_chunk_size
     if eval_chunk < 1 or cfg.model.resolution % eval_chunk:
         raise ValueError(f"--eval-chunk-size {eval_chunk}: must be >= 1 and divide the latent resolution "
@@ -97,7 +100,7 @@ def run_plan(a: argparse.Namespace) -> int:
         return 0
     print(f"does not fit in {_gib(budget)}")
     if first.peak_mb > budget:
-        patch, applied, fitted = plan.fitting_patch(plan.predictor(a.config, cases), budget)
+        patch, applied, fitted = plan.fitting_patch(plan.predictor(a.config, cases, base), budget)
         if fitted is None:
             tried = ", ".join(f"{r.key}={json.dumps(r.value)}" for r in applied) or "nothing"
             raise ValueError(f"{a.config}: training's predicted {_gib(first.peak_mb)} does not fit in "
@@ -114,7 +117,7 @@ def run_plan(a: argparse.Namespace) -> int:
             atomic_write_text(a.patch_out, text + "\n")
             print(f"wrote {a.patch_out}")
         if a.eval_chunk_size is None:  # evaluation follows the patched config's chunking
-            cfg = load_config(a.config, overrides=patch or None)
+            cfg = load_config(a.config, overrides={**base, **patch} or None)
             eval_chunk = cfg.model.chunk_size
             first_eval = plan.predict_eval_peak(cfg, plan.eval_sizes(cfg, latents, eval_chunk))
     if first_eval.peak_mb > budget:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ctvq.atomic import FileSystemError
-from ctvq.config import ConfigError, CTVQConfig, load_config
+from ctvq.config import ConfigError, CTVQConfig, load_config, resolution_overrides
 from ctvq.ct.sample import SampleFormatError
 from ctvq.data.datasets import DatasetError
 from ctvq.models import PretrainedWeightsError
@@ -60,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--band", type=float, default=None,
                         help="override dataset.args.band: the band (voxels) the samples were made with "
                              "(the workflow passes its `band`)")
+    parser.add_argument("--resolution", type=_positive, default=None,
+                        help="override dataset.args.resolution (the samples' cube side) and "
+                             "models.vqvae.args.resolution (1/8 of it): one config trains at any resolution "
+                             "(the workflow passes its window's `resolution`)")
     parser.add_argument("--pretrained-vae-path", default=None,
                         help="override trainer.args.pretrained_vae_path (stage 2: stage 1's ckpts/final.pt)")
     parser.add_argument("--max-steps", type=_positive, default=None,
@@ -79,6 +83,7 @@ def _with_overrides(args: argparse.Namespace) -> CTVQConfig:
     """The config with the command-line overrides set before validation (cross-field rules see them)."""
     flags = {"dataset.args.window_type": args.window,
              "dataset.args.band": args.band,
+             **(resolution_overrides(args.resolution) if args.resolution is not None else {}),
              "trainer.args.pretrained_vae_path": args.pretrained_vae_path,
              "trainer.args.max_steps": args.max_steps}
     return load_config(args.config, {k: v for k, v in flags.items() if v is not None})

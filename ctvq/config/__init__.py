@@ -5,7 +5,13 @@ every problem with the file and the key path. ``CTVQConfig.to_dict()`` is the fu
 """
 
 from ctvq.config.errors import ConfigError, Problem
-from ctvq.config.loader import ACCEPTED_KEYS, config_from_dict, load_config, resolve_path
+from ctvq.config.loader import (
+    ACCEPTED_KEYS,
+    config_from_dict,
+    load_config,
+    resolution_overrides,
+    resolve_path,
+)
 from ctvq.config.rules import config_warnings
 from ctvq.config.schema import (
     WINDOW_PRESETS,
@@ -33,5 +39,6 @@ __all__ = [
     "config_from_dict",
     "config_warnings",
     "load_config",
+    "resolution_overrides",
     "resolve_path",
 ]

@@ -32,6 +32,7 @@ from ctvq.config.schema import (
     SchedulerConfig,
     TrainerConfig,
 )
+from ctvq.ct.sample import LATENT_STRIDE
 
 _MISSING: Any = object()
 _WRAPPER = ("name", "args")
@@ -312,6 +313,18 @@ def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
         data = _overridden(data, overrides, origin)
         origin = f"{origin} (with command-line overrides of {', '.join(overrides)})"
     return config_from_dict(data, origin=origin)
+
+
+def resolution_overrides(resolution: int) -> dict[str, int]:
+    """The overrides that put a config at another data resolution (``ctvq train --resolution``).
+
+    The samples decide both numbers: the dataset's cube side, and the model's latent grid, 1/8 of it. One
+    model config then trains any window at the resolution the pipeline preprocessed it at, as ``--window``
+    and ``--band`` do for the window and the band. A side that is not a multiple of 8 is refused by the
+    config's own rule on ``dataset.args.resolution``.
+    """
+    return {"dataset.args.resolution": resolution,
+            "models.vqvae.args.resolution": resolution // LATENT_STRIDE}
 
 
 def _overridden(data: Any, overrides: Mapping[str, Any], origin: str) -> Any:

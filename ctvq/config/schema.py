@@ -180,7 +180,9 @@ class DatasetConfig:
         doc="The dataset class: CTWindowSparseSDF (SparseSDF is the same).")
     resolution: int = spec(512, check=at_least(64),
                            doc="Cube side of the samples in voxels (ctvq window --resolution); "
-                               "samples of another size are refused.", memory=True)
+                               "samples of another size are refused. ctvq train --resolution (the "
+                               "workflow's per-window resolution) sets it and models.vqvae.args.resolution.",
+                           memory=True)
     window_type: Literal[(*WINDOWS, CUSTOM)] = spec("lung",
         doc="The HU window the samples were made with: lung, bone, soft_tissue, brain or custom; samples of "
             "another window are refused.")  # type: ignore[valid-type]

@@ -133,7 +133,9 @@ def case_sizes(manifest: str | os.PathLike, splits: Sequence[str] = ("train",),
         other = sorted({int(r) for r in rows["resolution"]} - {resolution})
         if other:
             raise ValueError(f"{manifest}: samples at resolution {other[0]}, but the config trains at "
-                             f"dataset.args.resolution {resolution}; plan with a manifest of that resolution")
+                             f"dataset.args.resolution {resolution}; plan at theirs with --resolution "
+                             f"{other[0]} (as `ctvq train --resolution` trains), or with a manifest of that "
+                             "resolution")
     sizes = [CaseSize(str(r.case_id), int(r.num_points), int(r.num_latent)) for r in rows.itertuples()]
     if not sizes:
         raise ValueError(f"{manifest}: no ok cases in the {'/'.join(splits)} split to plan for")
@@ -210,7 +212,8 @@ def largest_eval_cases(manifest: str | os.PathLike, resolution: int, largest: in
     other = sorted({r.resolution for r in records} - {resolution})
     if other:
         raise ValueError(f"{manifest}: samples at resolution {other[0]}, but the config decodes "
-                         f"dataset.args.resolution {resolution}; plan with a manifest of that resolution")
+                         f"dataset.args.resolution {resolution}; plan at theirs with --resolution "
+                         f"{other[0]}, or with a manifest of that resolution")
     cases = []
     for record in sorted(records, key=lambda r: r.num_points or 0, reverse=True)[:largest]:
         with np.load(record.path) as data:
@@ -319,13 +322,15 @@ def _remedies(cfg: CTVQConfig) -> Iterator[Remedy]:
                      "the same batch in more micro-batches: slower steps, same gradients")
 
 
-def predictor(config_file: str | os.PathLike, cases: Sequence[CaseSize]
+def predictor(config_file: str | os.PathLike, cases: Sequence[CaseSize], base: Mapping[str, Any] | None = None
               ) -> Callable[[dict[str, Any]], tuple[CTVQConfig, Prediction]]:
-    """patch -> (the validated patched config, its prediction on ``cases``): what ``fitting_patch`` tries."""
+    """patch -> (the validated patched config, its prediction on ``cases``): what ``fitting_patch`` tries.
+
+    ``base``: overrides under every patch that are not part of it (``ctvq plan --resolution``'s)."""
     from ctvq.config import load_config
 
     def predict(patch: dict[str, Any]) -> tuple[CTVQConfig, Prediction]:
-        cfg = load_config(config_file, overrides=patch or None)
+        cfg = load_config(config_file, overrides={**(base or {}), **patch} or None)
         return cfg, predict_training_peak(cfg, cases)
 
     return predict

@@ -25,8 +25,9 @@ def _check_window_names() -> None:
     """Window names come from ctvq's registry (ctvq.ct.windows.WINDOWS), not from a list in the schema."""
     from ctvq.ct.windows import WINDOWS as REGISTRY
 
-    band = config.get("band")
+    band, resolution = config.get("band"), config["resolution"]
     named = {"windows": config["windows"], "train.windows": config["train"]["windows"],
+             "resolution": list(resolution) if isinstance(resolution, dict) else [],
              "band": list(band) if isinstance(band, dict) else [], "surface": list(config.get("surface", {}))}
     for key, names in named.items():
         unknown = [name for name in names if name not in REGISTRY]
@@ -42,6 +43,26 @@ _check_window_names()
 CTVQ = f"{sys.executable} -m ctvq"
 RESULTS = config["results"]
 WINDOWS = config["windows"]
+
+
+def _resolutions() -> dict[str, int]:
+    """Each window's resolution: `resolution` is one number for all, or one per window naming them all (no
+    default: the resolution decides what a window can resolve, e.g. bone at 512 beside lung at 64)."""
+    given = config["resolution"]
+    if not isinstance(given, dict):
+        return {window: int(given) for window in WINDOWS}
+    missing = [window for window in WINDOWS if window not in given]
+    if missing:
+        raise ValueError(f"{CONFIG_FILE}: resolution: no resolution for {', '.join(map(repr, missing))}; give "
+                         "every window of `windows` one, or one number for all")
+    return {window: int(given[window]) for window in WINDOWS}
+
+
+RESOLUTION = _resolutions()
+
+
+def resolution_of(wildcards) -> int:
+    return RESOLUTION[wildcards.window]
 
 
 def band_of(wildcards) -> float:
@@ -89,22 +110,25 @@ CASES, SERIES = _case_table()  # SERIES: the DICOM series UID of a case whose fo
 
 
 def _train_settings() -> dict:
-    """The train section, checked against the pipeline (windows, resolution) before any job runs."""
-    from ctvq.config import load_config
+    """The train section, checked against the pipeline (windows, resolution) before any job runs.
+
+    Training runs each config at its window's resolution (`ctvq train --resolution`, as --window and --band):
+    the config must be valid there (e.g. its chunk_size must divide the latent grid)."""
+    from ctvq.config import ConfigError, load_config, resolution_overrides
 
     train = config["train"]
     unknown = [w for w in train["windows"] if w not in WINDOWS]
     if unknown:
         raise ValueError(f"{CONFIG_FILE}: train.windows: {unknown} are not in windows {WINDOWS}")
     for key, stage in (("stage1_config", 1), ("stage2_config", 2)):
-        cfg = load_config(train[key])
-        if cfg.dataset.resolution != config["resolution"]:
-            raise ValueError(
-                f"{CONFIG_FILE}: train.{key}: {train[key]} trains at dataset.args.resolution "
-                f"{cfg.dataset.resolution} but the pipeline preprocesses at resolution {config['resolution']}; "
-                "make them equal")
-        if cfg.stage != stage:
-            raise ValueError(f"{CONFIG_FILE}: train.{key}: {train[key]} is a stage-{cfg.stage} config")
+        for window in train["windows"]:
+            try:
+                cfg = load_config(train[key], resolution_overrides(RESOLUTION[window]))
+            except ConfigError as exc:
+                raise ValueError(f"{CONFIG_FILE}: train.{key} at the {window} window's resolution "
+                                 f"{RESOLUTION[window]}: {exc}") from None
+            if cfg.stage != stage:
+                raise ValueError(f"{CONFIG_FILE}: train.{key}: {train[key]} is a stage-{cfg.stage} config")
     return train
 
 

@@ -43,12 +43,12 @@ rule window:
         "logs/benchmark/window/{window}/{case}.tsv"
     params:
         ctvq=CTVQ,
-        resolution=config["resolution"],
+        resolution=resolution_of,
         surface=lambda wc: SURFACE_ARGS[wc.window],
         series=lambda wc: f"--series {SERIES[wc.case]}" if wc.case in SERIES else "",
     resources:
-        mem_mb=preprocess_mem_mb("window", config["resolution"]),
-        runtime=preprocess_runtime_minutes("window", config["resolution"]),
+        mem_mb=lambda wc: preprocess_mem_mb("window", RESOLUTION[wc.window]),
+        runtime=lambda wc: preprocess_runtime_minutes("window", RESOLUTION[wc.window]),
     group:
         "case"
     shell:
@@ -70,8 +70,8 @@ rule sdf:
         ctvq=CTVQ,
         band=band_of,
     resources:
-        mem_mb=preprocess_mem_mb("sdf", config["resolution"]),
-        runtime=preprocess_runtime_minutes("sdf", config["resolution"]),
+        mem_mb=lambda wc: preprocess_mem_mb("sdf", RESOLUTION[wc.window]),
+        runtime=lambda wc: preprocess_runtime_minutes("sdf", RESOLUTION[wc.window]),
     group:
         "case"
     shell:
@@ -90,8 +90,8 @@ rule index:
     params:
         ctvq=CTVQ,
     resources:
-        mem_mb=preprocess_mem_mb("index", config["resolution"]),
-        runtime=preprocess_runtime_minutes("index", config["resolution"]),
+        mem_mb=lambda wc: preprocess_mem_mb("index", RESOLUTION[wc.window]),
+        runtime=lambda wc: preprocess_runtime_minutes("index", RESOLUTION[wc.window]),
     group:
         "case"
     shell:

@@ -23,8 +23,10 @@ rule plan:
     params:
         ctvq=CTVQ,
         eval_chunk=lambda wc: PLAN_EVAL_CHUNK_ARG if wc.stage == "2" else "",
+        resolution=resolution_of,
     shell:
-        "{params.ctvq} plan --config {input.config} --data {input.manifest}{params.eval_chunk}"
+        "{params.ctvq} plan --config {input.config} --data {input.manifest} --resolution {params.resolution}"
+        "{params.eval_chunk}"
         " --requests-out {output} > {log} 2>&1"
 
 
@@ -43,6 +45,7 @@ rule train_stage1:
         run_dir=lambda wc: f"{RESULTS}/train/{wc.window}/stage1",
         launcher=_train_launcher,
         band=band_of,
+        resolution=resolution_of,
         max_steps=MAX_STEPS,
         start="",
     threads: TRAIN["threads"]
@@ -52,7 +55,7 @@ rule train_stage1:
         runtime=TRAIN["runtime_minutes"],
     shell:
         "{params.launcher} train --config {input.config} --data {input.manifest} --output-dir {params.run_dir}"
-        " --window {wildcards.window} --band {params.band}{params.start} --threads {threads}{params.max_steps}"
+        " --window {wildcards.window} --band {params.band} --resolution {params.resolution}{params.start} --threads {threads}{params.max_steps}"
         " > {log} 2>&1"
 
 
@@ -73,5 +76,6 @@ use rule train_stage1 as train_stage2 with:
         run_dir=lambda wc: f"{RESULTS}/train/{wc.window}/stage2",
         launcher=_train_launcher,
         band=band_of,
+        resolution=resolution_of,
         max_steps=MAX_STEPS,
         start=lambda wc, input: f" --pretrained-vae-path {input.stage1}",
