@@ -60,6 +60,8 @@ def main() -> None:
     start = time.perf_counter()
     for data in args.data:
         for case in eval_cases(data):
+            if wanted is not None and case.case_id is not None and case.case_id not in wanted:
+                continue  # a manifest names its cases: skip before loading the sample
             sample = load_sample(case.path)
             if wanted is not None and sample.case_id not in wanted:
                 continue

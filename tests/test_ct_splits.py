@@ -11,6 +11,7 @@ from data_helpers import write_cases
 from ctvq.cli import main
 from ctvq.ct.manifest import read_manifest
 from ctvq.ct.splits import DEFAULT_FRACTIONS, SplitError, case_hash, hash_splits, parse_fractions
+from ctvq.eval.evaluate import eval_cases
 
 THREE = {"train": 0.6, "val": 0.2, "test": 0.2}
 
@@ -122,6 +123,10 @@ def test_split_file_gives_the_splits_and_extra_cases_are_fine(tmp_path: Path, sa
     assert code == 0, err
     table = read_manifest(tmp_path / "m.csv")
     assert list(table["split"]) == ["test", "train", "val", "val"]
+    # evaluation reads the same splits, and knows each case's id without loading its sample
+    cases = eval_cases(tmp_path / "m.csv", ["val"])
+    ok_val = table.query("status == 'ok' and split == 'val'")["case_id"]
+    assert [(c.case_id, c.split) for c in cases] == [(case, "val") for case in ok_val] and len(cases) >= 1
 
 
 @pytest.mark.parametrize("rows, says", [

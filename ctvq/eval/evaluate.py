@@ -144,10 +144,12 @@ def evaluate_case(loaded: LoadedModel, sample: SparseSample, *, points: int = DE
 
 @dataclass(frozen=True)
 class EvalCase:
-    """One case to evaluate: its sample file and the split the manifest gives it."""
+    """One case to evaluate: its sample file, the split the manifest gives it, and its case id where the
+    manifest names it (a bare sample file or folder is known only once loaded: None)."""
 
     path: Path
     split: str
+    case_id: str | None = None
 
 
 def eval_cases(data: str | os.PathLike, splits: Sequence[str] | None = None) -> list[EvalCase]:
@@ -164,7 +166,7 @@ def eval_cases(data: str | os.PathLike, splits: Sequence[str] | None = None) -> 
             records = read_case_records(data)
         except DatasetError as exc:
             raise EvalInputError(str(exc)) from exc
-        cases = [EvalCase(r.path, r.split) for r in records if r.status == "ok"]
+        cases = [EvalCase(r.path, r.split, r.case_id) for r in records if r.status == "ok"]
         if not cases:
             raise EvalInputError(f"{data}: no case with status 'ok' in the manifest")
     elif data.is_file():
