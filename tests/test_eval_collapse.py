@@ -155,3 +155,23 @@ def test_a_surface_that_encloses_none_of_the_input_counts_as_collapsed() -> None
     assert "encloses none of the input's inside (IoU 0)" in collapse_reason(mixed, 148, 0.0, 12706)
     assert collapse_reason(mixed, 148, 0.01, 12706) is None  # some overlap: a bad model, not a collapse
     assert collapse_reason(mixed, 148, 0.0, 0) is None  # the input has no surface either
+
+
+def test_eval_checks_every_sample_before_it_evaluates_any(runs, tmp_path, capsys) -> None:
+    """Samples are loaded one at a time, but a mismatched one anywhere in the data still stops the run
+    before the first case is evaluated or anything is written."""
+    from dataclasses import replace
+
+    from ctvq.ct.sample import load_sample
+
+    data = tmp_path / "data"
+    data.mkdir()
+    first = load_sample(runs["samples"] / "sphere0.npz")
+    save_sample(first, data / "a_sphere0.npz")
+    save_sample(replace(first, case_id="other_band", band=first.band / 2), data / "z_other_band.npz")
+    out = tmp_path / "out"
+    rc = main(["eval", "--ckpt", str(runs["random"] / "ckpts" / "final.pt"), "--data", str(data),
+               "-o", str(out / "metrics.json"), "--points", "200"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "z_other_band.npz" in err[-1] and "but the checkpoint was trained with band" in err[-1]
+    assert "[1/2]" not in "\n".join(err) and not out.exists()

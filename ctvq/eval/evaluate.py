@@ -41,7 +41,7 @@ from ctvq.ct.sample import (
 )
 from ctvq.ct.splits import SPLITS
 from ctvq.ct.volume_file import load_windowed
-from ctvq.data.datasets import DatasetError, read_case_records
+from ctvq.data.datasets import DatasetError, peek_band_and_iso, peek_sample, read_case_records
 from ctvq.eval.figures import save_case_figure, training_curves
 from ctvq.eval.loading import DataSettings, EvalInputError, LoadedModel, run_config_path
 from ctvq.eval.metrics import (
@@ -240,16 +240,17 @@ def _json_number(value: float | int | None) -> float | int | None:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _load_cases(data: str | os.PathLike, settings: DataSettings, splits: Sequence[str] | None
-                ) -> list[tuple[EvalCase, SparseSample]]:
-    """Every case's sample, checked against the checkpoint's settings before any evaluation starts."""
-    loaded = []
-    for case in eval_cases(data, splits):
-        sample = load_sample(case.path)
-        settings.check_sample(sample.window, sample.window_width, sample.window_level, sample.resolution,
-                              sample.band, str(case.path))
-        loaded.append((case, sample))
-    return loaded
+def _checked_cases(data: str | os.PathLike, settings: DataSettings, splits: Sequence[str] | None
+                   ) -> list[EvalCase]:
+    """Every case, its sample's header checked against the checkpoint's settings before any evaluation
+    starts; the samples themselves are loaded one at a time (at 1024³ one can take gigabytes)."""
+    cases = eval_cases(data, splits)
+    for case in cases:
+        head = peek_sample(case.path)
+        band, _ = peek_band_and_iso(case.path)
+        settings.check_sample(head.window, head.window_width, head.window_level, head.resolution, band,
+                              str(case.path))
+    return cases
 
 
 def _write_case_outputs(result: CaseEvaluation, case: EvalCase, sample: SparseSample, output_dir: Path, *,
@@ -334,10 +335,11 @@ def run_evaluation(loaded: LoadedModel, settings: DataSettings, data: str | os.P
     see `split_metrics`), cases.csv (with each case's split), figures, meshes and curves."""
     output_dir = Path(output_dir)
     windowed = Path(windowed_dir) if windowed_dir is not None else None
-    samples = _load_cases(data, settings, splits)
+    checked = _checked_cases(data, settings, splits)
     cases: list[dict[str, Any]] = []
     counts: list[np.ndarray] = []
-    for number, (case, sample) in enumerate(samples, start=1):
+    for number, case in enumerate(checked, start=1):
+        sample = load_sample(case.path)
         result = evaluate_case(loaded, sample, points=points, seed=seed)
         warn_if_collapsed(result)
         cases.append({"case_id": sample.case_id, "split": case.split, **result.metrics})
@@ -345,7 +347,7 @@ def run_evaluation(loaded: LoadedModel, settings: DataSettings, data: str | os.P
         _write_case_outputs(result, case, sample, output_dir, meshes=meshes, figures=figures,
                             windowed_dir=windowed)
         if not quiet:
-            _print_case(number, len(samples), case.split, result)
+            _print_case(number, len(checked), case.split, result)
     summary_metrics = {k: _json_number(v) for k, v in split_metrics(cases, counts).items()}
     _write_json(summary_metrics, Path(metrics_json))
     output_dir.mkdir(parents=True, exist_ok=True)
